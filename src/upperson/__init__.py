@@ -1,0 +1,27 @@
+"""upperson: parameter-efficient text-based person retrieval on a frozen CLIP backbone."""
+
+from upperson import losses
+from upperson.adapter_file import AdapterMismatchError, load_adapter, save_adapter
+from upperson.backbone import BackboneLoadError, load_backbone
+from upperson.methods import METHODS, RetrievalModel, UPPersonConfig, create_model
+from upperson.official import import_official_state_dict, official_config_from_state_dict
+from upperson.tokenizer import MASK_TOKEN_ID, tokenize
+from upperson.version import __version__
+
+__all__ = [
+    "AdapterMismatchError",
+    "BackboneLoadError",
+    "MASK_TOKEN_ID",
+    "METHODS",
+    "RetrievalModel",
+    "UPPersonConfig",
+    "__version__",
+    "create_model",
+    "import_official_state_dict",
+    "load_adapter",
+    "load_backbone",
+    "losses",
+    "official_config_from_state_dict",
+    "save_adapter",
+    "tokenize",
+]

@@ -1,0 +1,71 @@
+"""Methods: each composes PETL pieces on a backbone. A registry maps names to them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from open_clip.model import CLIP
+
+from upperson.backbone.loading import load_backbone
+from upperson.methods.model import ParameterReport, RetrievalModel
+from upperson.methods.up_person import UPPersonConfig, inject_up_person
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    config_class: type
+    inject: Callable[[CLIP, Any], None]
+
+
+METHODS: dict[str, MethodEntry] = {
+    "up-person": MethodEntry(UPPersonConfig, inject_up_person),
+}
+
+
+def build_method_config(method: str, config: Any = None, **options: Any) -> Any:
+    """A method's config from a config object and/or keyword options (options win)."""
+    entry = _method_entry(method)
+    valid = {f.name for f in dataclasses.fields(entry.config_class)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown {method} option(s) {unknown}; valid options: {sorted(valid)}")
+    if config is None:
+        return entry.config_class(**options)
+    if isinstance(config, dict):
+        return build_method_config(method, **{**config, **options})
+    if not isinstance(config, entry.config_class):
+        raise TypeError(f"{method} expects a {entry.config_class.__name__}, got {type(config).__name__}")
+    return dataclasses.replace(config, **options)
+
+
+def create_model(
+    method: str = "up-person",
+    backbone: str = "tiny",
+    image_size: int | tuple[int, int] = (384, 128),
+    config: Any = None,
+    **options: Any,
+) -> RetrievalModel:
+    """Load a frozen CLIP and inject a method's PETL modules.
+
+    Args:
+        method: a key of :data:`METHODS`, e.g. ``"up-person"``.
+        backbone: ``"tiny"``, a checkpoint path, or ``"<open_clip name>[:<tag or file>]"``.
+        image_size: ``(height, width)`` or a side length; the positional embedding is resized.
+        config: the method's config dataclass (or a dict of its fields).
+        **options: config fields, overriding ``config``; e.g. ``prefix_length=10, lora_rank=32``.
+    """
+    method_config = build_method_config(method, config, **options)
+    loaded = load_backbone(backbone, image_size)
+    METHODS[method].inject(loaded.clip, method_config)
+    return RetrievalModel(loaded, method, method_config)
+
+
+def _method_entry(method: str) -> MethodEntry:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    return METHODS[method]
+
+
+__all__ = ["METHODS", "ParameterReport", "RetrievalModel", "UPPersonConfig", "build_method_config", "create_model"]

@@ -1,0 +1,125 @@
+"""The model users hold: a frozen open_clip CLIP with one method's PETL modules injected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from upperson.backbone.loading import Backbone, BackboneSpec, state_dict_sha256
+from upperson.petl import KVLoRA, LayerNormAdapter, PETLAttention, PETLModule, ScaledPrefix
+
+COMPONENT_NAMES: dict[type[PETLModule], str] = {
+    ScaledPrefix: "prefix",
+    KVLoRA: "lora",
+    LayerNormAdapter: "adapter",
+}
+
+
+@dataclass
+class ParameterReport:
+    """Trainable/total parameter counts with a per-encoder, per-component breakdown."""
+
+    trainable: int
+    total: int
+    breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
+    """``{"vision": {"prefix": n, ...}, "text": {...}}``."""
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+
+class RetrievalModel(nn.Module):
+    """CLIP encoders with PETL modules; features are the projected, unnormalised CLS/EOT tokens.
+
+    Only parameters of :class:`~upperson.petl.PETLModule` instances train; the backbone is frozen
+    structurally when the model is built.
+    """
+
+    def __init__(self, backbone: Backbone, method: str, config: Any) -> None:
+        super().__init__()
+        self.clip = backbone.clip
+        self.method = method
+        self.config = config
+        self.backbone_spec: BackboneSpec = backbone.spec
+        self.backbone_source = backbone.source
+        self.backbone_sha256 = backbone.weights_sha256
+        self.freeze_backbone()
+
+    def freeze_backbone(self) -> None:
+        """Freeze everything, then unfreeze exactly the PETL modules' parameters."""
+        self.requires_grad_(False)
+        for module in self.petl_modules():
+            module.requires_grad_(True)
+
+    def petl_modules(self) -> Iterator[PETLModule]:
+        """Outermost PETL modules (nested PETL parts are reached through their parent)."""
+        seen: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, PETLModule) and id(module) not in seen:
+                seen.update(id(child) for child in module.modules())
+                yield module
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` normalised images → ``[N, embed_dim]`` fp32 CLS features (unnormalised)."""
+        return self.clip.encode_image(images, normalize=False).float()
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``[N, context_length]`` token ids → ``[N, embed_dim]`` fp32 EOT features (unnormalised)."""
+        return self.clip.encode_text(token_ids, normalize=False).float()
+
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(token_ids)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor that defines the adapter: PETL parameters and buffers, by model key."""
+        petl_ids = {id(tensor) for module in self.petl_modules() for tensor in module.state_dict(keep_vars=True).values()}
+        return {
+            name: tensor
+            for name, tensor in self.state_dict(keep_vars=True).items()
+            if id(tensor) in petl_ids
+        }
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen CLIP tensors, by their open_clip key."""
+        petl_ids = {id(tensor) for tensor in self.trainable_state_dict().values()}
+        return {name: tensor for name, tensor in self.clip.state_dict(keep_vars=True).items() if id(tensor) not in petl_ids}
+
+    def refresh_backbone_fingerprint(self) -> None:
+        """Recompute the backbone SHA-256 after its weights were replaced (e.g. by an official import)."""
+        self.backbone_sha256 = state_dict_sha256(self.backbone_state_dict())
+
+    def merge_lora(self) -> None:
+        """Fold LoRA into the frozen in-projections for inference."""
+        for module in self.modules():
+            if isinstance(module, PETLAttention):
+                module.merge_lora()
+
+    def unmerge_lora(self) -> None:
+        """Undo :meth:`merge_lora`."""
+        for module in self.modules():
+            if isinstance(module, PETLAttention):
+                module.unmerge_lora()
+
+    @property
+    def lora_merged(self) -> bool:
+        return any(isinstance(m, PETLAttention) and m.lora_merged for m in self.modules())
+
+    def parameter_report(self) -> ParameterReport:
+        """Counts as the papers report them: CLIP's unused ``logit_scale`` (τ is fixed) is excluded."""
+        breakdown: dict[str, dict[str, int]] = {}
+        for encoder, tower in (("vision", self.clip.visual), ("text", self.clip.transformer)):
+            counts = {name: 0 for name in COMPONENT_NAMES.values()}
+            for module in tower.modules():
+                component = COMPONENT_NAMES.get(type(module))
+                if component is not None:
+                    counts[component] += sum(p.numel() for p in module.parameters() if p.requires_grad)
+            breakdown[encoder] = counts
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(
+            p.numel() for name, p in self.clip.named_parameters() if not p.requires_grad and name != "logit_scale"
+        )
+        return ParameterReport(trainable=trainable, total=trainable + frozen, breakdown=breakdown)

@@ -1,0 +1,193 @@
+"""Importing the official UP-Person model's ``state_dict`` (IRRA layout) onto an upperson model.
+
+Official key layout (spec §7), ``{tower}`` = ``visual.`` for the vision encoder, empty for text:
+    ``LORA_learner.lora_{image|text}.{l}.lora_{A|B}.{0|1}`` and ``...scale.{0|1}.scale`` (0 = K, 1 = V)
+    ``{vit|text}_prefix_learner.{vit|text}_prefix.{l}.{key|val}.tokens`` / ``...scaler.scale`` / ``{l}.scale_to_grad``
+    ``base_model.{tower}transformer.resblocks.{l}.adapter_ln_{msa|mlp}.{down|up}.{weight|bias}`` and ``.scale_{1|2}``
+    ``base_model.<OpenAI CLIP key>`` for the frozen CLIP weights.
+Alias keys ``base_model.{tower}transformer.resblocks.{l}.attn.prefix.*`` duplicate the prefix tensors
+and are ignored. fp16 tensors are converted to fp32 by copying into our fp32 parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from upperson.backbone.pos_embed import resize_visual_pos_embed
+from upperson.methods import RetrievalModel, UPPersonConfig
+
+logger = logging.getLogger(__name__)
+
+_TOWER = {"image": "visual.", "vit": "visual.", "text": ""}
+_KV = {"0": "key", "1": "value", "key": "key", "val": "value"}
+_LN = {"msa": "1", "mlp": "2"}
+
+_RULES: list[tuple[re.Pattern[str], str]] = [
+    (
+        re.compile(r"^LORA_learner\.lora_(?P<tower>image|text)\.(?P<l>\d+)\.lora_(?P<ab>[AB])\.(?P<kv>[01])$"),
+        "clip.{tower}transformer.resblocks.{l}.attn.lora.{kv}.lora_{ab_lower}",
+    ),
+    (
+        re.compile(r"^LORA_learner\.lora_(?P<tower>image|text)\.(?P<l>\d+)\.scale\.(?P<kv>[01])\.scale$"),
+        "clip.{tower}transformer.resblocks.{l}.attn.lora.{kv}.scale",
+    ),
+    (
+        re.compile(r"^(?P<tower>vit|text)_prefix_learner\.(?:vit|text)_prefix\.(?P<l>\d+)\.(?P<kv>key|val)\.tokens$"),
+        "clip.{tower}transformer.resblocks.{l}.attn.prefix.{kv}_tokens",
+    ),
+    (
+        re.compile(r"^(?P<tower>vit|text)_prefix_learner\.(?:vit|text)_prefix\.(?P<l>\d+)\.(?P<kv>key|val)\.scaler\.scale$"),
+        "clip.{tower}transformer.resblocks.{l}.attn.prefix.{kv}_scale",
+    ),
+    (
+        re.compile(r"^(?P<tower>vit|text)_prefix_learner\.(?:vit|text)_prefix\.(?P<l>\d+)\.scale_to_grad$"),
+        "clip.{tower}transformer.resblocks.{l}.attn.prefix.attention_scale",
+    ),
+    (
+        re.compile(
+            r"^base_model\.(?P<tower>visual\.|)transformer\.resblocks\.(?P<l>\d+)\.adapter_ln_(?P<ln>msa|mlp)\.(?P<rest>(?:down|up)\.(?:weight|bias))$"
+        ),
+        "clip.{tower}transformer.resblocks.{l}.ln_{ln}.adapter.{rest}",
+    ),
+    (
+        re.compile(r"^base_model\.(?P<tower>visual\.|)transformer\.resblocks\.(?P<l>\d+)\.scale_(?P<ln>[12])$"),
+        "clip.{tower}transformer.resblocks.{l}.ln_{ln}.adapter.scale",
+    ),
+]
+_ALIAS = re.compile(r"^base_model\.(?:visual\.)?transformer\.resblocks\.\d+\.attn\.prefix\.")
+
+
+@dataclass
+class ImportReport:
+    """What an official import touched."""
+
+    petl_tensors: int = 0
+    backbone_tensors: int = 0
+    ignored_aliases: int = 0
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def official_to_upperson_key(key: str) -> str | None:
+    """Our model key for an official PETL key, or ``None`` if ``key`` is not a PETL tensor."""
+    for pattern, template in _RULES:
+        match = pattern.match(key)
+        if match is None:
+            continue
+        groups = match.groupdict()
+        tower = groups.get("tower", "")
+        return template.format(
+            tower=_TOWER.get(tower, tower),
+            l=groups["l"],
+            kv=_KV.get(groups.get("kv", ""), ""),
+            ab_lower=groups.get("ab", "").lower(),
+            ln=_LN.get(groups.get("ln", ""), groups.get("ln", "")),
+            rest=groups.get("rest", ""),
+        )
+    return None
+
+
+def import_official_state_dict(
+    model: RetrievalModel,
+    state_dict: dict[str, torch.Tensor],
+    load_backbone: bool = True,
+    strict: bool = True,
+) -> ImportReport:
+    """Copy an official UP-Person ``state_dict`` into ``model`` (PETL tensors and, optionally, CLIP).
+
+    Args:
+        model: an ``up-person`` model whose config matches the checkpoint (prefix length, rank,
+            depths, reduction); see :func:`upperson.official_config_from_state_dict`.
+        state_dict: the official model object's ``state_dict()`` (a ``{"model": ...}`` wrapper is unwrapped).
+        load_backbone: also copy the CLIP weights under ``base_model.``.
+        strict: raise if a PETL tensor of the model is not in the checkpoint or a key is not understood.
+
+    Raises:
+        ValueError: unknown/missing keys (strict) or shape mismatches, naming the keys.
+    """
+    if model.method != "up-person":
+        raise ValueError(f"official UP-Person checkpoints import onto 'up-person' models, not {model.method!r}")
+    state_dict = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
+    targets = model.state_dict(keep_vars=True)
+    petl_keys = set(model.trainable_state_dict())
+    report = ImportReport()
+    assignments: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("module.")
+        ours = official_to_upperson_key(key)
+        if ours is None and _ALIAS.match(key):
+            report.ignored_aliases += 1
+            continue
+        if ours is None and key.startswith("base_model."):
+            if not load_backbone:
+                continue
+            ours = "clip." + key.removeprefix("base_model.")
+            if ours == "clip.visual.positional_embedding" and ours in targets and tensor.shape != targets[ours].shape:
+                tensor = resize_visual_pos_embed(tensor, model.clip.visual.grid_size)
+        if ours is None or ours not in targets:
+            report.unexpected.append(key)
+            continue
+        if tensor.shape != targets[ours].shape:
+            raise ValueError(f"official key {key}: shape {tuple(tensor.shape)} does not fit {ours} {tuple(targets[ours].shape)}")
+        assignments[ours] = tensor
+    report.missing = sorted(petl_keys - set(assignments))
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(
+            f"official state dict does not match this model's config: missing {report.missing[:6]} "
+            f"({len(report.missing)}), not understood {report.unexpected[:6]} ({len(report.unexpected)})"
+        )
+    model.unmerge_lora()
+    with torch.no_grad():
+        for ours, tensor in assignments.items():
+            targets[ours].copy_(tensor.to(targets[ours].dtype))
+    report.petl_tensors = sum(1 for key in assignments if key in petl_keys)
+    report.backbone_tensors = len(assignments) - report.petl_tensors
+    if report.backbone_tensors:
+        model.refresh_backbone_fingerprint()
+    logger.info(
+        "imported %d PETL and %d CLIP tensors (%d alias keys ignored)",
+        report.petl_tensors,
+        report.backbone_tensors,
+        report.ignored_aliases,
+    )
+    return report
+
+
+def official_config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides: object) -> UPPersonConfig:
+    """Read prefix length, LoRA rank, adapter reduction and depths from an official checkpoint."""
+    lora = {int(m["l"]): t for k, t in state_dict.items() if (m := _TEXT_LORA_A.match(k))}
+    prefix = {int(m["l"]): t for k, t in state_dict.items() if (m := _TEXT_PREFIX_TOKENS.match(k))}
+    adapter = {int(m["l"]): t for k, t in state_dict.items() if (m := _TEXT_ADAPTER_DOWN.match(k))}
+    text_width = state_dict["base_model.ln_final.weight"].shape[0] if "base_model.ln_final.weight" in state_dict else None
+    reduction = text_width // next(iter(adapter.values())).shape[0] if adapter and text_width else 8
+    fields: dict[str, object] = {
+        "prefix": bool(prefix),
+        "prefix_length": next(iter(prefix.values())).shape[0] if prefix else 10,
+        "depth_prefix": len(prefix) or None,
+        "lora": bool(lora),
+        "lora_rank": next(iter(lora.values())).shape[0] if lora else 32,
+        "depth_lora": len(lora) or None,
+        "adapter": bool(adapter),
+        "adapter_reduction": reduction,
+        "depth_adapter": len(adapter) or None,
+    }
+    fields.update(overrides)
+    return UPPersonConfig(**fields)
+
+
+def official_backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP weights inside an official checkpoint, in the OpenAI key layout."""
+    return {
+        key.removeprefix("base_model."): tensor
+        for key, tensor in state_dict.items()
+        if key.startswith("base_model.") and official_to_upperson_key(key) is None and not _ALIAS.match(key)
+    }
+
+
+_TEXT_LORA_A = re.compile(r"^LORA_learner\.lora_text\.(?P<l>\d+)\.lora_A\.0$")
+_TEXT_PREFIX_TOKENS = re.compile(r"^text_prefix_learner\.text_prefix\.(?P<l>\d+)\.key\.tokens$")
+_TEXT_ADAPTER_DOWN = re.compile(r"^base_model\.transformer\.resblocks\.(?P<l>\d+)\.adapter_ln_msa\.down\.weight$")

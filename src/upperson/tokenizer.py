@@ -1,0 +1,46 @@
+"""CLIP BPE tokenisation with the official TPR code's ``<|mask|>`` token at id 49405."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+MASK_TOKEN = "<|mask|>"
+MASK_TOKEN_ID = 49405
+"""Id used by text-masking augmentation; the official code frees it by dropping CLIP's last BPE merge."""
+SOT_TOKEN_ID = 49406
+EOT_TOKEN_ID = 49407
+CONTEXT_LENGTH = 77
+
+
+@lru_cache(maxsize=1)
+def get_tokenizer() -> SimpleTokenizer:
+    """open_clip's CLIP tokenizer with its last BPE merge removed, so that id 49405 is ``<|mask|>``.
+
+    This matches the official vocabulary exactly: ordinary text gets the same ids as open_clip's
+    tokenizer except words that used the dropped merge ("jekyll"), which now split like the official
+    tokenizer splits them.
+    """
+    tokenizer = SimpleTokenizer()
+    last_merge = max(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.__getitem__)
+    merged = "".join(last_merge)
+    if tokenizer.encoder.get(merged) != MASK_TOKEN_ID:
+        raise RuntimeError(f"unexpected CLIP vocabulary: last merge {merged!r} is not id {MASK_TOKEN_ID}")
+    del tokenizer.bpe_ranks[last_merge]
+    del tokenizer.encoder[merged]
+    tokenizer.decoder[MASK_TOKEN_ID] = MASK_TOKEN
+    tokenizer.cache = {token: token for token in tokenizer.cache if token in tokenizer.encoder}
+    return tokenizer
+
+
+def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> torch.LongTensor:
+    """Captions → ``[N, context_length]`` ids: ``[SOT] + BPE + [EOT]``, zero-padded.
+
+    Text is cleaned like CLIP (ftfy, HTML unescape, whitespace collapse, lower case). Captions that
+    are too long keep their first ``context_length`` tokens with the last one forced to EOT.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    return get_tokenizer()(texts, context_length=context_length)
