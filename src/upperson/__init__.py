@@ -1,6 +1,6 @@
 """upperson: parameter-efficient text-based person retrieval on a frozen CLIP backbone."""
 
-from upperson import losses
+from upperson import losses, petl
 from upperson.adapter_file import AdapterMismatchError, load_adapter, save_adapter
 from upperson.backbone import BackboneLoadError, load_backbone
 from upperson.methods import METHODS, RetrievalModel, UPPersonConfig, create_model

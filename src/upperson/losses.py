@@ -13,10 +13,16 @@ SDM_EPSILON = 1e-8
 """Added inside the log of the label distribution; makes mass on negatives very expensive."""
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast fp16/bf16 to fp32; fp32 and fp64 pass through (fp64 keeps equivalence tests exact)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Text-to-image logits ``(1/τ) t̂ îᵀ`` in fp32, rows = texts."""
-    image_unit = image_features.float() / image_features.float().norm(dim=-1, keepdim=True)
-    text_unit = text_features.float() / text_features.float().norm(dim=-1, keepdim=True)
+    """Text-to-image logits ``(1/τ) t̂ îᵀ`` in at least fp32, rows = texts."""
+    image_features, text_features = at_least_fp32(image_features), at_least_fp32(text_features)
+    image_unit = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_unit = text_features / text_features.norm(dim=-1, keepdim=True)
     return text_unit @ image_unit.t() / temperature
 
 
@@ -53,7 +59,7 @@ def sdm_loss(
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     pids = pids.reshape(-1, 1)
-    labels = (pids == pids.t()).float()
+    labels = (pids == pids.t()).to(at_least_fp32(image_features).dtype)
     label_distribution = labels / labels.sum(dim=1, keepdim=True)
     t2i = _cosine_logits(image_features, text_features, temperature)
     return _matching_kl(t2i.t(), label_distribution) + _matching_kl(t2i, label_distribution)
@@ -71,4 +77,4 @@ def id_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, pids: torch.T
 
     The classifier itself (``embed_dim → #train ids``) belongs to the method, not to the loss.
     """
-    return (F.cross_entropy(image_logits.float(), pids) + F.cross_entropy(text_logits.float(), pids)) / 2
+    return (F.cross_entropy(at_least_fp32(image_logits), pids) + F.cross_entropy(at_least_fp32(text_logits), pids)) / 2

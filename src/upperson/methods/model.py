@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from upperson.losses import at_least_fp32
 from upperson.backbone.loading import Backbone, BackboneSpec, state_dict_sha256
 from upperson.petl import KVLoRA, LayerNormAdapter, PETLAttention, PETLModule, ScaledPrefix
 
@@ -64,12 +65,12 @@ class RetrievalModel(nn.Module):
                 yield module
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` normalised images → ``[N, embed_dim]`` fp32 CLS features (unnormalised)."""
-        return self.clip.encode_image(images, normalize=False).float()
+        """``[N, 3, H, W]`` normalised images → ``[N, embed_dim]`` CLS features (fp32, or fp64 for an fp64 model) (unnormalised)."""
+        return at_least_fp32(self.clip.encode_image(images, normalize=False))
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """``[N, context_length]`` token ids → ``[N, embed_dim]`` fp32 EOT features (unnormalised)."""
-        return self.clip.encode_text(token_ids, normalize=False).float()
+        """``[N, context_length]`` token ids → ``[N, embed_dim]`` EOT features (fp32 or fp64) (unnormalised)."""
+        return at_least_fp32(self.clip.encode_text(token_ids, normalize=False))
 
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(token_ids)
