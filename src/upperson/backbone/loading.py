@@ -301,7 +301,7 @@ def _load_resized(clip: CLIP, state_dict: dict[str, torch.Tensor], origin: str) 
     state_dict = dict(state_dict)
     pos_key = "visual.positional_embedding"
     if state_dict[pos_key].shape != clip.visual.positional_embedding.shape:
-        state_dict[pos_key] = resize_visual_pos_embed(state_dict[pos_key], clip.visual.grid_size)
+        state_dict[pos_key] = resize_visual_pos_embed(state_dict[pos_key].float(), clip.visual.grid_size)
     try:
         result = clip.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches
