@@ -1,0 +1,155 @@
+"""UP-Person PETL behaviour on a tiny real CLIP: init properties, gradients, fused == explicit, merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, randomise_petl, sample_batch
+
+import upperson
+from upperson.backbone import load_backbone
+from upperson.petl import AdaptedLayerNorm, KVLoRA, PETLAttention, ScaledPrefix
+
+
+def test_fresh_model_without_prefix_equals_frozen_clip_exactly_in_explicit_form() -> None:
+    """LoRA B = 0 and adapter up = 0 at init: the only change from CLIP is the prefix."""
+    model = make_model(prefix=False, attention_backend="explicit")
+    plain = load_backbone("tiny", (64, 32)).clip
+    images, ids, _ = sample_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), plain.encode_image(images), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.encode_text(ids), plain.encode_text(ids), rtol=1e-5, atol=1e-6)
+
+
+def test_fresh_model_differs_from_clip_only_through_the_prefix() -> None:
+    model = make_model()
+    plain = load_backbone("tiny", (64, 32)).clip
+    images, ids, _ = sample_batch()
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_image(images), plain.encode_image(images), atol=1e-3)
+        assert not torch.allclose(model.encode_text(ids), plain.encode_text(ids), atol=1e-3)
+        for module in model.modules():
+            if isinstance(module, PETLAttention):
+                module.prefix = None  # detach the prefix: fresh LoRA and adapters must be exact no-ops
+        torch.testing.assert_close(model.encode_image(images), plain.encode_image(images), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.encode_text(ids), plain.encode_text(ids), rtol=1e-5, atol=1e-6)
+
+
+def test_initial_values_follow_the_spec() -> None:
+    model = make_model(lambda_init=100.0)
+    for module in model.modules():
+        if isinstance(module, ScaledPrefix):
+            assert module.attention_scale.item() == 100.0
+            assert module.key_scale.item() == module.value_scale.item() == 1.0
+            assert 0.0 <= module.key_tokens.min() and module.key_tokens.max() <= 0.01
+        if isinstance(module, KVLoRA):
+            for delta in (module.key, module.value):
+                width = delta.lora_a.shape[1]
+                assert delta.lora_b.abs().sum() == 0 and delta.scale.item() == 1.0
+                assert delta.lora_a.abs().max() <= 1 / width**0.5  # kaiming-uniform(a=√5) = U(±1/√fan_in)
+        if isinstance(module, AdaptedLayerNorm):
+            adapter = module.adapter
+            assert adapter.up.weight.abs().sum() == 0 and adapter.up.bias.abs().sum() == 0
+            assert adapter.down.bias.abs().sum() == 0 and adapter.scale.item() == 1.0
+
+
+def test_only_petl_tensors_receive_gradients() -> None:
+    model = make_model()
+    randomise_petl(model)
+    images, ids, pids = sample_batch()
+    upperson.losses.sdm_loss(*model(images, ids), pids).backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(model.trainable_state_dict())
+    assert all(p.grad.abs().sum() > 0 for name, p in model.named_parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("components", [{}, {"adapter": False}, {"lora": False}, {"prefix": False}])
+def test_fused_equals_explicit_post_softmax_formula_in_values_and_gradients(components: dict) -> None:
+    fused = make_model(**components)
+    randomise_petl(fused)
+    explicit = make_model(attention_backend="explicit", **components)
+    explicit.load_state_dict(fused.state_dict())
+    images, ids, pids = sample_batch()
+    outputs = []
+    for model in (fused, explicit):
+        image_features, text_features = model(images, ids)
+        loss = upperson.losses.sdm_loss(image_features, text_features, pids)
+        loss.backward()
+        outputs.append((image_features, text_features, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (fi, ft, fl, fg), (ei, et, el, eg) = outputs
+    torch.testing.assert_close(fi, ei, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ft, et, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fl, el, rtol=1e-4, atol=1e-5)
+    assert fg.keys() == eg.keys()
+    for name in fg:  # λ included: it is a leaf of both graphs
+        torch.testing.assert_close(fg[name], eg[name], rtol=1e-4, atol=1e-5 * max(1.0, eg[name].abs().max().item()))
+
+
+def test_merged_lora_equals_unmerged() -> None:
+    model = make_model()
+    randomise_petl(model)
+    images, ids, _ = sample_batch()
+    weight_before = model.clip.transformer.resblocks[0].attn.in_proj_weight.clone()
+    with torch.no_grad():
+        unmerged = model(images, ids)
+        model.merge_lora()
+        assert model.lora_merged
+        merged = model(images, ids)
+        model.unmerge_lora()
+    for a, b in zip(unmerged, merged):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.clip.transformer.resblocks[0].attn.in_proj_weight, weight_before, rtol=0, atol=1e-6)
+
+
+def test_merge_touches_only_key_and_value_rows() -> None:
+    model = make_model()
+    randomise_petl(model)
+    attention = model.clip.visual.transformer.resblocks[0].attn
+    before = attention.in_proj_weight.detach().clone()
+    model.merge_lora()
+    width = before.shape[1]
+    assert torch.equal(attention.in_proj_weight[:width], before[:width])
+    assert not torch.equal(attention.in_proj_weight[width:], before[width:])
+
+
+def test_depths_select_blocks_per_component() -> None:
+    model = make_model(depth_prefix=1, depth_lora=2, depth_adapter=1)
+    blocks = model.clip.visual.transformer.resblocks  # 3 vision blocks
+    assert [b.attn.prefix is not None for b in blocks] == [True, False, False]
+    assert [b.attn.lora is not None for b in blocks] == [True, True, False]
+    assert [isinstance(b.ln_1, AdaptedLayerNorm) for b in blocks] == [False, False, True]
+    assert all(isinstance(b.attn, PETLAttention) for b in blocks)
+
+
+def test_state_dict_keys_do_not_change_after_a_forward() -> None:
+    model = make_model()
+    keys = list(model.state_dict())
+    images, ids, _ = sample_batch()
+    with torch.no_grad():
+        model(images, ids)
+    assert list(model.state_dict()) == keys
+    assert "clip.visual.transformer.resblocks.0.ln_1.weight" in keys  # CLIP keys kept on injection
+
+
+def test_bf16_autocast_stays_close_to_fp32() -> None:
+    model = make_model()
+    randomise_petl(model)
+    images, ids, _ = sample_batch()
+    with torch.no_grad():
+        reference = model.encode_image(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.encode_image(images)
+    assert low.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(low, reference).min() > 0.99
+
+
+def test_vanilla_prefix_freezes_lambda() -> None:
+    model = make_model(learn_lambda=False, lambda_init=1.0)
+    names = set(model.trainable_state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("attention_scale") for n in names) and not any(n.endswith("attention_scale") for n in trainable)
+
+
+def test_unknown_option_is_rejected_with_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="prefix_length"):
+        make_model(prefix_lenght=4)
