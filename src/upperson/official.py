@@ -158,22 +158,42 @@ def import_official_state_dict(
 
 
 def official_config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides: object) -> UPPersonConfig:
-    """Read prefix length, LoRA rank, adapter reduction and depths from an official checkpoint."""
-    lora = {int(m["l"]): t for k, t in state_dict.items() if (m := _TEXT_LORA_A.match(k))}
-    prefix = {int(m["l"]): t for k, t in state_dict.items() if (m := _TEXT_PREFIX_TOKENS.match(k))}
-    adapter = {int(m["l"]): t for k, t in state_dict.items() if (m := _TEXT_ADAPTER_DOWN.match(k))}
-    text_width = state_dict["base_model.ln_final.weight"].shape[0] if "base_model.ln_final.weight" in state_dict else None
-    reduction = text_width // next(iter(adapter.values())).shape[0] if adapter and text_width else 8
+    """Read prefix length, LoRA rank, adapter reduction and depths from an official checkpoint.
+
+    A depth is ``None`` (every block) when the component is in every block of both encoders.
+    """
+    found: dict[str, dict[str, dict[int, torch.Tensor]]] = {"lora": {}, "prefix": {}, "adapter": {}}
+    for key, tensor in state_dict.items():
+        for component, pattern in _COMPONENT_PROBES.items():
+            match = pattern.match(key)
+            if match:
+                tower = "vision" if match["tower"] in ("image", "vit", "visual.") else "text"
+                found[component].setdefault(tower, {})[int(match["l"])] = tensor
+    layers = {
+        tower: len({k.split(".")[stem.count(".")] for k in state_dict if k.startswith(stem)})
+        for tower, stem in (("vision", "base_model.visual.transformer.resblocks."), ("text", "base_model.transformer.resblocks."))
+    }
+
+    def depth(component: str) -> int | None:
+        per_tower = found[component]
+        if all(len(per_tower.get(tower, {})) == count for tower, count in layers.items()):
+            return None
+        return max(len(blocks) for blocks in per_tower.values())
+
+    def first(component: str) -> torch.Tensor | None:
+        return next((t for blocks in found[component].values() for t in blocks.values()), None)
+
+    lora, prefix, adapter = first("lora"), first("prefix"), first("adapter")
     fields: dict[str, object] = {
-        "prefix": bool(prefix),
-        "prefix_length": next(iter(prefix.values())).shape[0] if prefix else 10,
-        "depth_prefix": len(prefix) or None,
-        "lora": bool(lora),
-        "lora_rank": next(iter(lora.values())).shape[0] if lora else 32,
-        "depth_lora": len(lora) or None,
-        "adapter": bool(adapter),
-        "adapter_reduction": reduction,
-        "depth_adapter": len(adapter) or None,
+        "prefix": prefix is not None,
+        "prefix_length": prefix.shape[0] if prefix is not None else 10,
+        "depth_prefix": depth("prefix") if prefix is not None else None,
+        "lora": lora is not None,
+        "lora_rank": lora.shape[0] if lora is not None else 32,
+        "depth_lora": depth("lora") if lora is not None else None,
+        "adapter": adapter is not None,
+        "adapter_reduction": adapter.shape[1] // adapter.shape[0] if adapter is not None else 8,
+        "depth_adapter": depth("adapter") if adapter is not None else None,
     }
     fields.update(overrides)
     return UPPersonConfig(**fields)
@@ -188,6 +208,8 @@ def official_backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[st
     }
 
 
-_TEXT_LORA_A = re.compile(r"^LORA_learner\.lora_text\.(?P<l>\d+)\.lora_A\.0$")
-_TEXT_PREFIX_TOKENS = re.compile(r"^text_prefix_learner\.text_prefix\.(?P<l>\d+)\.key\.tokens$")
-_TEXT_ADAPTER_DOWN = re.compile(r"^base_model\.transformer\.resblocks\.(?P<l>\d+)\.adapter_ln_msa\.down\.weight$")
+_COMPONENT_PROBES = {
+    "lora": re.compile(r"^LORA_learner\.lora_(?P<tower>image|text)\.(?P<l>\d+)\.lora_A\.0$"),
+    "prefix": re.compile(r"^(?P<tower>vit|text)_prefix_learner\.(?:vit|text)_prefix\.(?P<l>\d+)\.key\.tokens$"),
+    "adapter": re.compile(r"^base_model\.(?P<tower>visual\.|)transformer\.resblocks\.(?P<l>\d+)\.adapter_ln_msa\.down\.weight$"),
+}

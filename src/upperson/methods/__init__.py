@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from open_clip.model import CLIP
 
-from upperson.backbone.loading import load_backbone
+from upperson.backbone.loading import Backbone, load_backbone
 from upperson.methods.model import ParameterReport, RetrievalModel
 from upperson.methods.up_person import UPPersonConfig, inject_up_person
 
@@ -57,9 +57,14 @@ def create_model(
         **options: config fields, overriding ``config``; e.g. ``prefix_length=10, lora_rank=32``.
     """
     method_config = build_method_config(method, config, **options)
-    loaded = load_backbone(backbone, image_size)
-    METHODS[method].inject(loaded.clip, method_config)
-    return RetrievalModel(loaded, method, method_config)
+    return build_model(load_backbone(backbone, image_size), method, method_config)
+
+
+def build_model(backbone: Backbone, method: str, config: Any) -> RetrievalModel:
+    """Inject ``method`` (configured by ``config``) into an already loaded backbone."""
+    method_config = build_method_config(method, config)
+    METHODS[method].inject(backbone.clip, method_config)
+    return RetrievalModel(backbone, method, method_config)
 
 
 def _method_entry(method: str) -> MethodEntry:
@@ -68,4 +73,4 @@ def _method_entry(method: str) -> MethodEntry:
     return METHODS[method]
 
 
-__all__ = ["METHODS", "ParameterReport", "RetrievalModel", "UPPersonConfig", "build_method_config", "create_model"]
+__all__ = ["METHODS", "ParameterReport", "RetrievalModel", "UPPersonConfig", "build_method_config", "build_model", "create_model"]

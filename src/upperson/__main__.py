@@ -1,0 +1,5 @@
+"""``python -m upperson``."""
+
+from upperson.cli import entry_point
+
+entry_point()
