@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 import upperson
 from upperson.backbone import BackboneLoadError, load_backbone
+from upperson.backbone.loading import TINY_CONFIG
 
 
 def _save_tiny_openai_checkpoint(path: Path, image_size=(224, 224)) -> dict[str, torch.Tensor]:
@@ -43,6 +45,25 @@ def test_openai_checkpoint_round_trips_in_all_file_formats(tmp_path: Path) -> No
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "weights.safetensors"))
     hashes = {load_backbone(str(tmp_path / name), 224).weights_sha256 for name in ("plain.pt", "wrapped.pth", "weights.safetensors")}
     assert hashes == {load_backbone("tiny", 224).weights_sha256}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_archive_like_the_openai_release_files(tmp_path: Path) -> None:
+    clip = load_backbone("tiny", 224).clip
+    torch.jit.script(clip).save(str(tmp_path / "ViT-tiny.pt"))
+    assert load_backbone(str(tmp_path / "ViT-tiny.pt"), 224).weights_sha256 == load_backbone("tiny", 224).weights_sha256
+
+
+def test_open_clip_name_with_a_pretrained_file(tmp_path: Path) -> None:
+    config = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "image_size": 224}}
+    (tmp_path / "upperson-test-tiny.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "upperson-test-tiny.json")
+    state = load_backbone("tiny", 224).clip.state_dict()
+    torch.save(state, tmp_path / "weights.pt")
+    loaded = load_backbone(f"upperson-test-tiny:{tmp_path / 'weights.pt'}", (64, 32))
+    expected = upperson.backbone.resize_visual_pos_embed(state["visual.positional_embedding"], (4, 2))
+    torch.testing.assert_close(loaded.clip.visual.positional_embedding.detach(), expected)
+    assert torch.equal(loaded.clip.token_embedding.weight, state["token_embedding.weight"])
 
 
 def test_architecture_is_read_from_the_weights(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ TINY_CONFIG: dict[str, Any] = {
 """A random CLIP small enough for CPU tests but shaped like the real one (64-dim heads, 77 tokens,
 the full BPE vocabulary) and with different vision/text widths and depths so that swaps show."""
 
-_NON_TENSOR_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
+_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+"""Entries of OpenAI / TorchScript state dicts that are metadata or buffers, not weights."""
 _REQUIRED_OPENAI_KEYS = (
     "visual.conv1.weight",
     "visual.class_embedding",
@@ -262,7 +263,7 @@ def _build_from_checkpoint_file(path: Path, image_size: tuple[int, int]) -> CLIP
 
 
 def _build_from_openai_state_dict(state_dict: dict[str, torch.Tensor], image_size: tuple[int, int], origin: str) -> CLIP:
-    state_dict = {key: value for key, value in state_dict.items() if key not in _NON_TENSOR_OPENAI_KEYS}
+    state_dict = {key: value for key, value in state_dict.items() if key not in _NON_WEIGHT_KEYS}
     clip = _build_clip(_openai_config(state_dict, origin), image_size)
     _load_resized(clip, state_dict, origin)
     return clip
