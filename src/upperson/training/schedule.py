@@ -1,0 +1,47 @@
+"""The official per-epoch learning-rate schedule and Adam parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from upperson.config import OptimConfig
+
+
+def lr_multiplier(epoch: int, total_epochs: int, warmup_epochs: int = 5, warmup_factor: float = 0.1) -> float:
+    """Multiplier of the base lr during 0-based ``epoch``: linear warm-up from ``warmup_factor``, then cosine.
+
+    Reproduces the official table (spec B.10): epochs 1..60 give 0.10, 0.28, 0.46, 0.64, 0.82, 1.0,
+    0.99918, ... 0.00082; it never reaches 0.
+    """
+    if epoch < warmup_epochs:
+        progress = epoch / warmup_epochs
+        return warmup_factor * (1 - progress) + progress
+    progress = (epoch - warmup_epochs) / (total_epochs - warmup_epochs)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Adam:
+    """Adam over the trainable tensors: biases get ``weight_decay_bias`` and ``lr × bias_lr_factor``.
+
+    "Bias" means a 1-d tensor named ``*bias`` (adapter and projection biases), as in the official rules.
+    """
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if name.endswith("bias") else decay).append(parameter)
+    groups = [{"params": decay, "lr": config.lr, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append(
+            {"params": no_decay, "lr": config.lr * config.bias_lr_factor, "weight_decay": config.weight_decay_bias}
+        )
+    return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per epoch; each group keeps its own base lr."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: lr_multiplier(epoch, total_epochs, config.warmup_epochs, config.warmup_factor)
+    )
