@@ -1,0 +1,159 @@
+"""torch Datasets over a `RetrievalDataset`, and the collate function that skips unreadable images.
+
+An image that cannot be read mid-run (deleted, corrupted on a network disk) must neither crash a
+60-epoch run nor hang it (the official code retries forever): ``__getitem__`` logs a warning
+naming the file, once per process, and returns ``None``; `collate_skip_none` drops those items.
+Run the data check before training to catch such files up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset, default_collate
+
+from upperson.data.masking import mask_caption_tokens
+from upperson.data.records import TrainSample
+from upperson.tokenizer import CONTEXT_LENGTH, tokenize
+
+logger = logging.getLogger(__name__)
+
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What PIL raises for missing, corrupt or hostile image files."""
+
+_truncation_lock = threading.Lock()
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open ``path`` as RGB. Truncated files load with their missing part filled, as the official
+    code loads them (``LOAD_TRUNCATED_IMAGES``); anything else unreadable raises."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        if "truncated" not in str(error):
+            raise
+    with _truncation_lock:
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+class _ImageReader:
+    """Reads images, warning once per file (per process) about those that cannot be read."""
+
+    def __init__(self) -> None:
+        self.failed: set[Path] = set()
+
+    def __call__(self, path: Path) -> Image.Image | None:
+        try:
+            return read_image(path)
+        except IMAGE_ERRORS as error:
+            if path not in self.failed:
+                self.failed.add(path)
+                logger.warning("skipping unreadable image %s (%s); run `upperson data check` to list all such files", path, error)
+            return None
+
+
+def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Default collation after dropping the ``None`` items of unreadable images.
+
+    Returns ``None`` when every item was dropped; training and evaluation loops skip such batches.
+    """
+    kept = [item for item in batch if item is not None]
+    return default_collate(kept) if kept else None
+
+
+class ImageTextDataset(Dataset):
+    """Training pairs ``{"images", "caption_ids", "pids", "image_ids"}``, one per caption.
+
+    With ``text_mask_prob > 0`` the caption ids are masked (spec B.4). The masking draws come from
+    an RNG seeded by ``(seed, epoch, index)``, so an item is the same in any worker and on resume.
+    Call `set_epoch` before creating the epoch's iterator: workers copy the dataset when the
+    iterator starts (with ``persistent_workers`` they would keep the old epoch).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[TrainSample],
+        transform: Callable[[Image.Image], torch.Tensor],
+        text_mask_prob: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= text_mask_prob <= 1.0:
+            raise ValueError(f"text_mask_prob must be in [0, 1], got {text_mask_prob}")
+        self.samples = list(samples)
+        self.transform = transform
+        self.text_mask_prob = text_mask_prob
+        self.seed = seed
+        self.epoch = 0
+        self._read = _ImageReader()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose masking draws `__getitem__` makes."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        sample = self.samples[index]
+        image = self._read(sample.image_path)
+        if image is None:
+            return None
+        caption_ids = tokenize(sample.caption)[0]
+        if self.text_mask_prob > 0:
+            rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+            caption_ids = mask_caption_tokens(caption_ids, rng, self.text_mask_prob)
+        return {"images": self.transform(image), "caption_ids": caption_ids, "pids": sample.pid, "image_ids": sample.image_id}
+
+
+class ImageDataset(Dataset):
+    """Gallery images ``{"images", "pids"}`` for feature extraction."""
+
+    def __init__(self, paths: Sequence[Path], pids: Sequence[int], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        if len(paths) != len(pids):
+            raise ValueError(f"ImageDataset: {len(paths)} paths but {len(pids)} pids")
+        self.paths = [Path(path) for path in paths]
+        self.pids = list(pids)
+        self.transform = transform
+        self._read = _ImageReader()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        image = self._read(self.paths[index])
+        if image is None:
+            return None
+        return {"images": self.transform(image), "pids": self.pids[index]}
+
+
+class TextDataset(Dataset):
+    """Query captions ``{"caption_ids", "pids"}``, tokenised once up front in batches."""
+
+    TOKENIZE_BATCH = 4096
+
+    def __init__(self, captions: Sequence[str], pids: Sequence[int]) -> None:
+        if len(captions) != len(pids):
+            raise ValueError(f"TextDataset: {len(captions)} captions but {len(pids)} pids")
+        captions = list(captions)
+        chunks = [tokenize(captions[start : start + self.TOKENIZE_BATCH]) for start in range(0, len(captions), self.TOKENIZE_BATCH)]
+        self.caption_ids = torch.cat(chunks) if chunks else torch.zeros(0, CONTEXT_LENGTH, dtype=torch.long)
+        self.pids = list(pids)
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"caption_ids": self.caption_ids[index], "pids": self.pids[index]}
