@@ -63,10 +63,28 @@ def reference_leaves(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return leaves
 
 
+def reference_outputs(sd: dict[str, torch.Tensor], images, ids, pids, dtype: torch.dtype, spec) -> tuple:
+    """Features, SDM loss and PETL gradients of the formula-level reference in ``dtype``."""
+    leaves = {key: value.to(dtype).detach().requires_grad_(value.requires_grad) for key, value in reference_leaves(sd).items()}
+    image = reference.encode_image(leaves, images.to(dtype), spec.vision_heads)
+    text = reference.encode_text(leaves, ids, spec.text_heads)
+    loss = reference.sdm(image, text, pids)
+    loss.backward()
+    grads = {key: leaf.grad for key, leaf in leaves.items() if leaf.grad is not None}
+    return image.detach(), text.detach(), loss.detach(), grads
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64-exact", "fp32"])
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
 def test_import_matches_official_formulas_in_features_loss_and_gradients(backend: str, dtype: torch.dtype) -> None:
-    """fp64 shows the maths is identical (1e-10); fp32 shows the tolerance users see."""
+    """fp64 shows the maths is identical (1e-10); fp32 shows the tolerance users see.
+
+    In fp32 the exact (fp64) reference is the target. Features and loss must be within rtol 1e-4 /
+    atol 1e-5. Some gradient entries are sums of large cancelling terms (temperature 0.02 scales the
+    logits by 50), so their fp32 rounding error is set by the conditioning, not by the method; for
+    gradients we require our error to be at most twice that of the reference formulas computed in
+    fp32 (i.e. the official computation) or within rtol 1e-4 / atol 1e-5 x the tensor's largest entry.
+    """
     tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     sd = official_state_dict()
     model = make_model(prefix_length=PREFIX, lora_rank=RANK, attention_backend=backend)
@@ -76,34 +94,26 @@ def test_import_matches_official_formulas_in_features_loss_and_gradients(backend
     model.to(dtype)
 
     images, ids, pids = sample_batch()
-    images = images.to(dtype)
-    image_features, text_features = model(images, ids)
+    image_features, text_features = model(images.to(dtype), ids)
     loss = upperson.losses.sdm_loss(image_features, text_features, pids)
     loss.backward()
 
-    leaves = {key: value.to(dtype).detach().requires_grad_(value.requires_grad) for key, value in reference_leaves(sd).items()}
     spec = model.backbone_spec
-    ref_image = reference.encode_image(leaves, images, spec.vision_heads)
-    ref_text = reference.encode_text(leaves, ids, spec.text_heads)
-    ref_loss = reference.sdm(ref_image, ref_text, pids)
-    ref_loss.backward()
+    exact_image, exact_text, exact_loss, exact_grads = reference_outputs(sd, images, ids, pids, torch.float64, spec)
+    same_precision_grads = exact_grads if dtype == torch.float64 else reference_outputs(sd, images, ids, pids, dtype, spec)[3]
 
-    torch.testing.assert_close(image_features, ref_image, **tolerance)
-    torch.testing.assert_close(text_features, ref_text, **tolerance)
-    torch.testing.assert_close(loss, ref_loss, **tolerance)
+    torch.testing.assert_close(image_features, exact_image.to(dtype), **tolerance)
+    torch.testing.assert_close(text_features, exact_text.to(dtype), **tolerance)
+    torch.testing.assert_close(loss, exact_loss.to(dtype), **tolerance)
     ours = dict(model.named_parameters())
-    compared = 0
-    for key, leaf in leaves.items():
-        if leaf.grad is None:
-            continue
-        ours_grad = ours[official_to_upperson_key(key)].grad
-        # fp32 gradients reach |g| ~ 30 here; rounding scales with the tensor's largest entry
-        scale = max(1.0, leaf.grad.abs().max().item()) if dtype == torch.float32 else 1.0
-        torch.testing.assert_close(
-            ours_grad, leaf.grad, rtol=tolerance["rtol"], atol=tolerance["atol"] * scale, msg=lambda m: f"{key}: {m}"
-        )
-        compared += 1
-    assert compared == len(model.trainable_state_dict())
+    for key, exact in exact_grads.items():
+        ours_grad = ours[official_to_upperson_key(key)].grad.double()
+        atol = tolerance["atol"]
+        if dtype == torch.float32:
+            reference_error = (same_precision_grads[key].double() - exact).abs().max().item()
+            atol = max(atol * max(1.0, exact.abs().max().item()), 2 * reference_error)
+        torch.testing.assert_close(ours_grad, exact, rtol=tolerance["rtol"], atol=atol, msg=lambda m: f"{key}: {m}")
+    assert len(exact_grads) == len(model.trainable_state_dict())
 
 
 def test_import_converts_fp16_to_fp32_and_ignores_aliases() -> None:

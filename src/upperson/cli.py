@@ -1,16 +1,23 @@
-"""Command line: ``upperson info`` and ``upperson convert`` (more commands come with the pipeline)."""
+"""Command line: argument parsing, progress bars and printing; the work happens in the library."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
 import upperson
 from upperson.backbone import BackboneLoadError, backbone_from_state_dict, load_backbone, read_checkpoint_state_dict
+from upperson.config import load_config
+from upperson.data import check_dataset, load_dataset
+from upperson.evaluation.evaluate import evaluate_split
 from upperson.methods import METHODS, RetrievalModel, build_model
+from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
 from upperson.official import import_official_state_dict, official_backbone_state_dict, official_config_from_state_dict
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -34,6 +41,34 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--backbone", help="CLIP the adapter will run on (default: the CLIP weights inside the checkpoint)")
     convert.add_argument("--image-size", nargs=2, type=int, default=(384, 128), metavar=("HEIGHT", "WIDTH"))
     convert.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field read from the file")
+    train = commands.add_parser("train", help="train a method on a dataset (progress bar, logs, checkpoints)")
+    train.add_argument("--config", type=Path, help="YAML config (configs/up-person/*.yaml); defaults if omitted")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.root=/data or backbone=ViT-B-16.pt")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run after its last completed epoch")
+    train.add_argument("--run-dir", type=Path, help="where to write the run (default: output_dir/run_name)")
+
+    evaluate = commands.add_parser("eval", help="evaluate an adapter on a dataset split (also cross-domain)")
+    evaluate.add_argument("--config", type=Path, help="the config the adapter was trained with (run_dir/config.yaml)")
+    evaluate.add_argument("--adapter", type=Path, required=True, help="adapter file (.safetensors)")
+    evaluate.add_argument("--dataset", help="evaluate on another dataset than the config's (cross-domain)")
+    evaluate.add_argument("--root", help="data root for --dataset")
+    evaluate.add_argument("--split", default="test", help="split to evaluate (test or val)")
+    evaluate.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
+    evaluate.add_argument("--json", type=Path, help="write the metrics as JSON here")
+    evaluate.add_argument("--allow-other-backbone", action="store_true", help="accept other weights of the same backbone architecture")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser("check", help="validate a dataset on disk; exit 1 if training would break")
+    check.add_argument("root", type=Path, help="directory holding the dataset folder (or the folder itself)")
+    check.add_argument("--dataset", required=True, help="cuhk-pedes, icfg-pedes, rstpreid, flickr30k or mscoco")
+    check.add_argument("--no-verify-images", action="store_true", help="skip opening every image")
+
+    demo = commands.add_parser("demo", help="generate synthetic pedestrians, train UP-Person on a tiny CLIP, evaluate, draw results")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
+    demo.add_argument("--data-dir", type=Path, default=Path(".cache/upperson-synthetic"), help="synthetic dataset cache")
+    demo.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
     return parser
 
 
@@ -100,6 +135,83 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _progress(**kwargs: object) -> tqdm:
+    return tqdm(dynamic_ncols=True, **kwargs)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.resume:
+        config = load_config(args.resume / CONFIG_FILE, args.set)
+        run_dir = args.resume
+    else:
+        config = load_config(args.config, args.set)
+        run_dir = args.run_dir or default_run_dir(config)
+    print(f"run directory: {run_dir}")
+    result = Trainer(config, run_dir, progress=_progress).fit(resume=bool(args.resume))
+    print(f"test metrics ({result.selection}, epoch {result.best_epoch}):")
+    print(format_metrics_table(result.test_metrics))
+    print(f"adapter: {result.best_adapter}")
+    return EXIT_OK
+
+
+def _eval(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.dataset:
+        overrides.append(f"data.dataset={args.dataset}")
+    if args.root:
+        overrides.append(f"data.root={args.root}")
+    config = load_config(args.config, overrides)
+    device = resolve_device(config.device)
+    model = upperson.create_model(config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config())
+    upperson.load_adapter(model, args.adapter, allow_other_backbone_weights=args.allow_other_backbone)
+    model.merge_lora()
+    dataset = load_dataset(config.data.dataset, config.data.root)
+    metrics = evaluate_split(
+        model.to(device),
+        dataset.split(args.split),
+        device,
+        config.data.image_size,
+        precision=config.train.precision,
+        batch_size=config.eval.batch_size,
+        num_workers=config.data.num_workers,
+        chunk_size=config.eval.chunk_size,
+        i2t=args.i2t or config.eval.i2t,
+        progress=_progress,
+    )
+    print(f"{config.data.dataset} {args.split} with {args.adapter}:")
+    print(format_metrics_table(metrics))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"dataset": config.data.dataset, "split": args.split, "adapter": str(args.adapter), **metrics}, indent=2))
+    return EXIT_OK
+
+
+def _data(args: argparse.Namespace) -> int:
+    report = check_dataset(args.dataset, args.root, verify_images=not args.no_verify_images)
+    print(report.format())
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from upperson.demo import run_demo  # drawing and data generation are only needed here
+
+    result = run_demo(args.out, args.data_dir, epochs=args.epochs, progress=_progress)
+    print(format_metrics_table(result.metrics))
+    print(f"chance R@1 on the synthetic test split: {result.chance_r1:.2f} %  (R@1 / chance = {result.metrics['t2i']['R1'] / result.chance_r1:.1f}x)")
+    print(f"retrieval figure: {result.figure}")
+    print(f"adapter: {result.adapter}")
+    return EXIT_OK
+
+
+def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    """The papers' table: task | R1 | R5 | R10 | mAP | mINP | rSum."""
+    columns = ("R1", "R5", "R10", "mAP", "mINP", "rSum")
+    lines = [f"{'task':<6}" + "".join(f"{name:>9}" for name in columns)]
+    for task, values in metrics.items():
+        lines.append(f"{task:<6}" + "".join(f"{values[name]:>9.2f}" for name in columns))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage) so tests can call it."""
     parser = _parser()
@@ -108,9 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"info": _info, "convert": _convert}
+    handlers = {"info": _info, "convert": _convert, "train": _train, "eval": _eval, "data": _data, "demo": _demo}
     try:
         return handlers[args.command](args)
+    except DatasetValidationError as error:
+        print(f"upperson {args.command}: the dataset would break training:\n{error}", file=sys.stderr)
+        return EXIT_FAILURE
     except (BackboneLoadError, upperson.AdapterMismatchError, FileNotFoundError, ValueError, TypeError) as error:
         print(f"upperson {args.command}: error: {error}", file=sys.stderr)
         return EXIT_FAILURE

@@ -19,7 +19,7 @@ def lr_multiplier(epoch: int, total_epochs: int, warmup_epochs: int = 5, warmup_
     if epoch < warmup_epochs:
         progress = epoch / warmup_epochs
         return warmup_factor * (1 - progress) + progress
-    progress = (epoch - warmup_epochs) / (total_epochs - warmup_epochs)
+    progress = min(1.0, (epoch - warmup_epochs) / max(1, total_epochs - warmup_epochs))
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 

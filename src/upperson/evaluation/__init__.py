@@ -1,0 +1,5 @@
+"""Evaluation: retrieval metrics and batched feature extraction."""
+
+from upperson.evaluation.metrics import retrieval_metrics
+
+__all__ = ["retrieval_metrics"]

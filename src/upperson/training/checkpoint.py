@@ -1,0 +1,94 @@
+"""Resumable training state: written atomically every epoch, read without pickle code execution."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from upperson._io import atomic_path
+from upperson.methods import RetrievalModel
+
+STATE_FILE = "state.pt"
+LAST_ADAPTER = "last.safetensors"
+BEST_ADAPTER = "best.safetensors"
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands after its last completed epoch."""
+
+    completed_epochs: int
+    best_score: float | None
+    best_epoch: int | None
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def save_training_state(
+    path: Path,
+    model: RetrievalModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    state: TrainingState,
+) -> None:
+    """Adapter tensors, optimizer, scheduler, grad scaler, RNG states and progress, atomically."""
+    payload = {
+        "adapter": {name: tensor.detach().cpu() for name, tensor in model.trainable_state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(),
+        "completed_epochs": state.completed_epochs,
+        "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
+    }
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def load_training_state(
+    path: Path,
+    model: RetrievalModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> TrainingState:
+    """Restore everything :func:`save_training_state` wrote; returns the progress record."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state at {path}: the run has not completed an epoch yet")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    targets = model.trainable_state_dict()
+    if set(payload["adapter"]) != set(targets):
+        raise ValueError(f"{path}: adapter tensors do not match the model built from the run's config")
+    with torch.no_grad():
+        for name, tensor in payload["adapter"].items():
+            targets[name].copy_(tensor)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload["scaler"] is not None:
+        scaler.load_state_dict(payload["scaler"])
+    _restore_rng(payload["rng"])
+    return TrainingState(payload["completed_epochs"], payload["best_score"], payload["best_epoch"])

@@ -1,0 +1,307 @@
+"""Training a method on a dataset: validate data, train with SDM, select, checkpoint, resume, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import upperson
+from upperson._io import atomic_path
+from upperson.config import RunConfig, save_config
+from upperson.data import check_dataset, load_dataset
+from upperson.data.datasets import ImageTextDataset, collate_skip_none
+from upperson.data.records import RetrievalDataset
+from upperson.data.samplers import build_train_sampler
+from upperson.data.transforms import build_transforms
+from upperson.evaluation.evaluate import Progress, _SilentProgress, autocast, evaluate_split
+from upperson.losses import sdm_loss
+from upperson.methods import RetrievalModel, create_model
+from upperson.training.checkpoint import (
+    BEST_ADAPTER,
+    LAST_ADAPTER,
+    STATE_FILE,
+    TrainingState,
+    load_training_state,
+    save_training_state,
+)
+from upperson.training.schedule import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+LOG_FILE = "train_log.txt"
+TEST_SELECTION_LABEL = "selected on the TEST split (papers' protocol; optimistic)"
+
+
+class DatasetValidationError(RuntimeError):
+    """The dataset would break training; the message is the full data-check report."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    best_adapter: Path
+    selection: str
+    best_epoch: int
+    test_metrics: dict[str, dict[str, float]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Derive numpy/random seeds from the torch seed the DataLoader gave this worker."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    name = config.run_name or f"{config.data.dataset}-{config.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(config.output_dir) / name
+
+
+class Trainer:
+    """Runs one configured training job in ``run_dir``.
+
+    Every epoch writes ``last.safetensors`` and ``state.pt`` (atomic); the best adapter on the
+    selection split goes to ``best.safetensors``. ``fit(resume=True)`` continues after the last
+    completed epoch and ends with the same adapter as an uninterrupted run: data order, masking and
+    augmentation are seeded from ``(seed, epoch)``.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: Path, progress: Progress | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress or _SilentProgress
+        self.device = resolve_device(config.device)
+        if config.train.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+
+    def fit(self, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult | None:
+        """Train; returns ``None`` when stopped early by ``stop_after_epochs`` (resume later)."""
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = self._attach_log_file()
+        try:
+            if not resume:
+                save_config(config, self.run_dir / CONFIG_FILE)
+            seed_everything(config.train.seed)
+            dataset = self._load_validated_dataset()
+            model = create_model(
+                config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config()
+            ).to(self.device)
+            model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
+            report = model.parameter_report()
+            logger.info("trainable %s of %s parameters (%.2f %%)", f"{report.trainable:,}", f"{report.total:,}", report.percent)
+            optimizer = build_optimizer(model, config.optim)
+            scheduler = build_scheduler(optimizer, config.optim, config.train.epochs)
+            scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
+            state = TrainingState(0, None, None)
+            if resume:
+                state = load_training_state(self.run_dir / STATE_FILE, model, optimizer, scheduler, scaler)
+                logger.info("resuming after epoch %d", state.completed_epochs)
+            selection = self._selection_split(dataset)
+            train_set = ImageTextDataset(
+                dataset.train,
+                build_transforms(config.data.image_size, train=True, augment=config.data.augment),
+                text_mask_prob=config.data.text_mask_prob,
+                seed=config.train.seed,
+            )
+            for epoch in range(state.completed_epochs, config.train.epochs):
+                self._train_epoch(model, train_set, optimizer, scaler, epoch)
+                scheduler.step()
+                state.completed_epochs = epoch + 1
+                self._select(model, dataset, selection, state, epoch)
+                upperson.save_adapter(model, self.run_dir / LAST_ADAPTER)
+                save_training_state(self.run_dir / STATE_FILE, model, optimizer, scheduler, scaler, state)
+                if stop_after_epochs is not None and state.completed_epochs >= stop_after_epochs < config.train.epochs:
+                    logger.info("stopping after epoch %d as requested; resume with --resume %s", epoch + 1, self.run_dir)
+                    return None
+            return self._final_report(model, dataset, selection, state)
+        finally:
+            logging.getLogger("upperson").removeHandler(handler)
+            handler.close()
+
+    def _attach_log_file(self) -> logging.Handler:
+        handler = logging.FileHandler(self.run_dir / LOG_FILE)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        package_logger = logging.getLogger("upperson")
+        package_logger.addHandler(handler)
+        if package_logger.getEffectiveLevel() > logging.INFO:
+            package_logger.setLevel(logging.INFO)
+        return handler
+
+    def _load_validated_dataset(self) -> RetrievalDataset:
+        data = self.config.data
+        report = check_dataset(data.dataset, data.root, verify_images=data.verify_images)
+        if not report.ok:
+            raise DatasetValidationError(report.format())
+        return load_dataset(data.dataset, data.root)
+
+    def _selection_split(self, dataset: RetrievalDataset) -> str | None:
+        choice = self.config.train.select_on
+        if choice == "last":
+            return None
+        if choice == "val" and "val" not in dataset.splits:
+            logger.info("%s has no val split: the last epoch is kept", dataset.name)
+            return None
+        if choice == "test":
+            logger.warning("model selection on the test split: %s", TEST_SELECTION_LABEL)
+        return choice
+
+    def _train_loader(self, train_set: ImageTextDataset, epoch: int) -> DataLoader:
+        config = self.config
+        micro_batch = config.train.batch_size // config.train.grad_accumulation
+        sampler = build_train_sampler(
+            config.data.sampler,
+            [sample.pid for sample in train_set.samples],
+            batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            num_instances=config.data.num_instances,
+        )
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if hasattr(sampler, "generator") and sampler.generator is not None:
+            sampler.generator.manual_seed(config.train.seed * 100_003 + epoch)
+        train_set.set_epoch(epoch)
+        return DataLoader(
+            train_set,
+            batch_size=micro_batch,
+            sampler=sampler,
+            num_workers=config.data.num_workers,
+            collate_fn=collate_skip_none,
+            drop_last=config.data.drop_last,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(config.train.seed * 100_003 + epoch),
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _train_epoch(
+        self,
+        model: RetrievalModel,
+        train_set: ImageTextDataset,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        epoch: int,
+    ) -> None:
+        config = self.config
+        torch.manual_seed(config.train.seed * 100_003 + epoch)  # augmentation in the main process
+        loader = self._train_loader(train_set, epoch)
+        accumulation = config.train.grad_accumulation
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        bar = self.progress(total=len(loader), desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch")
+        started, seen, running_loss, steps = time.perf_counter(), 0, 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        for index, batch in enumerate(loader):
+            if batch is None:
+                continue
+            images = batch["images"].to(self.device, non_blocking=True)
+            caption_ids = batch["caption_ids"].to(self.device, non_blocking=True)
+            pids = batch["pids"].to(self.device, non_blocking=True)
+            with autocast(self.device, config.train.precision):
+                image_features, text_features = model(images, caption_ids)
+            loss = sdm_loss(image_features, text_features, pids, temperature=config.train.temperature)
+            (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
+            if (index + 1) % accumulation == 0 or index + 1 == len(loader):
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen += len(pids)
+            steps += 1
+            running_loss += loss.item()
+            rate = seen / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{running_loss / steps:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            if steps % config.train.log_every == 0:
+                logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f images/s", epoch + 1, index + 1, len(loader), running_loss / steps, lr, rate)
+        bar.close()
+        seconds = time.perf_counter() - started
+        mean_loss = running_loss / max(steps, 1)
+        logger.info("epoch %d done: loss %.4f, lr %.2e, %.1f images/s, %.0f s", epoch + 1, mean_loss, lr, seen / seconds, seconds)
+        self._append_history({"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "images_per_s": seen / seconds, "seconds": seconds})
+
+    def _select(self, model: RetrievalModel, dataset: RetrievalDataset, selection: str | None, state: TrainingState, epoch: int) -> None:
+        config = self.config
+        is_last = epoch + 1 == config.train.epochs
+        if selection is None or ((epoch + 1) % config.train.eval_every and not is_last):
+            return
+        metrics = self._evaluate(model, dataset, selection)["t2i"]
+        logger.info("epoch %d %s: %s", epoch + 1, selection, _format_metrics(metrics))
+        self._append_history({"epoch": epoch + 1, f"{selection}_R1": metrics["R1"], f"{selection}_mAP": metrics["mAP"]})
+        if state.best_score is None or metrics["R1"] > state.best_score:
+            state.best_score, state.best_epoch = metrics["R1"], epoch + 1
+            upperson.save_adapter(model, self.run_dir / BEST_ADAPTER)
+
+    def _evaluate(self, model: RetrievalModel, dataset: RetrievalDataset, split: str, i2t: bool = False) -> dict[str, dict[str, float]]:
+        config = self.config
+        return evaluate_split(
+            model,
+            dataset.split(split),
+            self.device,
+            config.data.image_size,
+            precision=config.train.precision,
+            batch_size=config.eval.batch_size,
+            num_workers=config.data.num_workers,
+            chunk_size=config.eval.chunk_size,
+            i2t=i2t,
+            progress=self.progress,
+        )
+
+    def _final_report(self, model: RetrievalModel, dataset: RetrievalDataset, selection: str | None, state: TrainingState) -> TrainResult:
+        best_path = self.run_dir / BEST_ADAPTER
+        if selection is None or not best_path.exists():
+            upperson.save_adapter(model, best_path)
+            label, best_epoch = "last epoch", state.completed_epochs
+        else:
+            upperson.load_adapter(model, best_path)
+            label = f"best R1 on {selection}" if selection == "val" else TEST_SELECTION_LABEL
+            best_epoch = state.best_epoch or state.completed_epochs
+        test_metrics = self._evaluate(model, dataset, "test", i2t=self.config.eval.i2t)
+        logger.info("test (%s, epoch %d): %s", label, best_epoch, _format_metrics(test_metrics["t2i"]))
+        with atomic_path(self.run_dir / METRICS_FILE) as temporary:
+            temporary.write_text(json.dumps({"selection": label, "best_epoch": best_epoch, **test_metrics}, indent=2))
+        return TrainResult(self.run_dir, best_path, label, best_epoch, test_metrics)
+
+    def _append_history(self, row: dict[str, Any]) -> None:
+        path = self.run_dir / HISTORY_FILE
+        new_file = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new_file:
+                writer.writerow(["epoch", "key", "value"])
+            epoch = row.pop("epoch")
+            for key, value in row.items():
+                writer.writerow([epoch, key, value])
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{key} {metrics[key]:.2f}" for key in ("R1", "R5", "R10", "mAP", "mINP"))
