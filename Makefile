@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/upperson info --backbone tiny --image-size 384 128
+	$(BIN)/upperson demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -194,3 +194,22 @@ def test_retrieval_figure_rejects_mismatched_inputs(tmp_path: Path) -> None:
         save_retrieval_figure(tmp_path / "f.png", ["q"], [images], [[True]])
     with pytest.raises(ValueError, match="one ranked list"):
         save_retrieval_figure(tmp_path / "f.png", ["q", "r"], [images], [[True, False]])
+
+
+def test_studio_scene_has_a_plain_backdrop(tmp_path: Path) -> None:
+    street = generate_synthetic_cuhk(tmp_path / "street", **SMALL)
+    studio = generate_synthetic_cuhk(tmp_path / "studio", **SMALL, scene="studio")
+    assert [(r["id"], r["split"]) for r in read_records(street)] == [(r["id"], r["split"]) for r in read_records(studio)]
+    def mean_left_edge(directory: Path, record: dict[str, Any]) -> list[float]:
+        """Mean colour of the left image column above the floor line: wall only (person is centred)."""
+        with Image.open(directory / "imgs" / record["file_path"]) as image:
+            pixels = [image.convert("RGB").getpixel((0, y)) for y in range(0, 40)]
+        return [sum(channel) / len(pixels) for channel in zip(*pixels)]
+
+    studio_walls = [mean_left_edge(studio, record) for record in read_records(studio)]
+    street_walls = [mean_left_edge(street, record) for record in read_records(street)]
+    for wall in studio_walls:  # JPEG noise averages out
+        assert all(abs(channel - expected) <= 8 for channel, expected in zip(wall, synthetic.STUDIO_WALL))
+    assert sum(all(abs(c - e) <= 8 for c, e in zip(wall, synthetic.STUDIO_WALL)) for wall in street_walls) <= 1
+    with pytest.raises(ValueError, match="scene"):
+        generate_synthetic_cuhk(tmp_path / "bad", **SMALL, scene="beach")  # type: ignore[arg-type]

@@ -196,19 +196,22 @@ def _demo(args: argparse.Namespace) -> int:
     from upperson.demo import run_demo  # drawing and data generation are only needed here
 
     result = run_demo(args.out, args.data_dir, epochs=args.epochs, progress=_progress)
-    print(format_metrics_table(result.metrics))
-    print(f"chance R@1 on the synthetic test split: {result.chance_r1:.2f} %  (R@1 / chance = {result.metrics['t2i']['R1'] / result.chance_r1:.1f}x)")
+    print("synthetic test split, text-to-image:")
+    print(format_metrics_table({"zero-shot": result.zero_shot_metrics["t2i"], "UP-Person": result.metrics["t2i"]}, label="model"))
+    ratio = result.metrics["t2i"]["R1"] / result.chance_r1
+    print(f"chance R@1: {result.chance_r1:.2f} %; UP-Person R@1 = {ratio:.1f}x chance")
     print(f"retrieval figure: {result.figure}")
     print(f"adapter: {result.adapter}")
     return EXIT_OK
 
 
-def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+def format_metrics_table(metrics: dict[str, dict[str, float]], label: str = "task") -> str:
     """The papers' table: task | R1 | R5 | R10 | mAP | mINP | rSum."""
     columns = ("R1", "R5", "R10", "mAP", "mINP", "rSum")
-    lines = [f"{'task':<6}" + "".join(f"{name:>9}" for name in columns)]
+    width = max(6, *(len(task) + 1 for task in metrics))
+    lines = [f"{label:<{width}}" + "".join(f"{name:>9}" for name in columns)]
     for task, values in metrics.items():
-        lines.append(f"{task:<6}" + "".join(f"{values[name]:>9.2f}" for name in columns))
+        lines.append(f"{task:<{width}}" + "".join(f"{values[name]:>9.2f}" for name in columns))
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """The built-in default: synthetic pedestrians → UP-Person on a tiny CLIP → metrics and a figure.
 
 Runs anywhere with no downloads: the synthetic data is written in the CUHK-PEDES on-disk format,
-so the real reader, trainer and evaluator are what run.
+so the real reader, trainer and evaluator are what run. The frozen backbone is a tiny CLIP
+pre-trained (cached) on a separate synthetic corpus by :mod:`upperson.pretraining`, loaded from its
+checkpoint file like any user's CLIP; the demo reports chance, that backbone zero-shot, and UP-Person.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import upperson
 from upperson.config import DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
 from upperson.data import load_dataset
 from upperson.data.synthetic import generate_synthetic_cuhk
-from upperson.evaluation.evaluate import Progress, extract_features
+from upperson.evaluation.evaluate import Progress, evaluate_split, extract_features
+from upperson.pretraining import pretrained_tiny_clip
 from upperson.training.loop import Trainer
 from upperson.visualize import save_retrieval_figure
 
 DEMO_IMAGE_SIZE = (128, 48)
 """8 x 3 patches of 16 pixels: pedestrian aspect ratio, cheap enough for a 2-core CPU."""
 FIGURE_QUERIES = 6
+DEMO_EPOCHS = 14
 
 
 @dataclass
@@ -30,15 +34,21 @@ class DemoResult:
     adapter: Path
     figure: Path
     metrics: dict[str, dict[str, float]]
+    zero_shot_metrics: dict[str, dict[str, float]]
+    """The frozen pre-trained tiny CLIP without any PETL module, on the same test split."""
     chance_r1: float
     """Expected R@1 (%) of a random ranking on the synthetic test split."""
 
 
-def demo_config(data_root: Path, run_dir: Path, epochs: int) -> RunConfig:
-    """UP-Person on the tiny random CLIP with settings that learn in a few CPU minutes."""
+def demo_config(data_root: Path, run_dir: Path, epochs: int, backbone: str) -> RunConfig:
+    """UP-Person on the pre-trained tiny CLIP with settings that learn in about a CPU minute and a half.
+
+    Paper settings (SDM, τ 0.02, Adam eps 1e-3, text masking, augmentation, cosine schedule) except
+    the sizes, a 3x learning rate and a 1-epoch warm-up, because the run is 14 short epochs, not 60.
+    """
     return RunConfig(
         method="up-person",
-        backbone="tiny",
+        backbone=backbone,
         model={"prefix_length": 4, "lora_rank": 8, "lambda_init": 10.0},
         data=DataConfig(
             dataset="cuhk-pedes",
@@ -66,7 +76,16 @@ def chance_r1(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> float:
 def run_demo(run_dir: Path, data_dir: Path, epochs: int | None = None, progress: Progress | None = None) -> DemoResult:
     """Generate (or reuse) the synthetic data, train, evaluate on test and draw the top-10 figure."""
     generate_synthetic_cuhk(data_dir)
-    config = demo_config(data_dir, run_dir, epochs or 8)
+    backbone = pretrained_tiny_clip(data_dir, progress=progress)
+    config = demo_config(data_dir, run_dir, epochs or DEMO_EPOCHS, backbone=str(backbone))
+    zero_shot = evaluate_split(
+        upperson.create_model(config.method, backbone=config.backbone, image_size=config.data.image_size, prefix=False, lora=False, adapter=False),
+        load_dataset(config.data.dataset, config.data.root).split("test"),
+        torch.device("cpu"),
+        config.data.image_size,
+        precision="fp32",
+        progress=progress,
+    )
     result = Trainer(config, run_dir, progress=progress).fit()
     assert result is not None  # no early stop requested
     model = upperson.create_model(config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config())
@@ -84,4 +103,4 @@ def run_demo(run_dir: Path, data_dir: Path, epochs: int | None = None, progress:
         [[split.image_paths[g] for g in row.tolist()] for row in top],
         [[bool(image_pids[g] == text_pids[q]) for g in row.tolist()] for q, row in zip(queries, top)],
     )
-    return DemoResult(run_dir, result.best_adapter, figure, result.test_metrics, chance_r1(text_pids, image_pids))
+    return DemoResult(run_dir, result.best_adapter, figure, result.test_metrics, zero_shot, chance_r1(text_pids, image_pids))

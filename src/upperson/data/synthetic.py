@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -37,6 +37,12 @@ Pattern = Literal["plain", "striped", "checked", "dotted"]
 BottomType = Literal["trousers", "shorts", "skirt"]
 BagType = Literal["backpack", "handbag"]
 Facing = Literal["front", "back"]
+Scene = Literal["street", "studio"]
+"""``street``: varied walls, floors, lighting, noise and blur (the surveillance-like default);
+``studio``: a plain light-grey backdrop under neutral light (the demo's pre-training corpus, so that
+the target data is a domain shift the PETL modules have to adapt to)."""
+STUDIO_WALL: RGB = (205, 205, 200)
+STUDIO_GROUND: RGB = (175, 175, 170)
 T = TypeVar("T")
 
 FORMAT_VERSION = 1
@@ -539,10 +545,22 @@ def _apply_lighting(image: Image.Image, view: View, rng: random.Random) -> Image
     return lit.filter(ImageFilter.GaussianBlur(view.blur)) if view.blur > 0 else lit
 
 
-def render_person(person: PersonAttributes, rng: random.Random, image_size: tuple[int, int] = (128, 48)) -> Image.Image:
+def studio_view(view: View) -> View:
+    """The same pose and framing against the plain studio backdrop, with neutral light and a clean sensor."""
+    return replace(
+        view, wall=STUDIO_WALL, ground=STUDIO_GROUND, horizon=0.8, texture="plain",
+        brightness=1.0, contrast=1.0, gains=(1.0, 1.0, 1.0), noise=0.0, blur=0.0,
+    )
+
+
+def render_person(
+    person: PersonAttributes, rng: random.Random, image_size: tuple[int, int] = (128, 48), scene: Scene = "street"
+) -> Image.Image:
     """One RGB image of ``person`` of ``image_size`` (height, width) under a random view."""
     height, width = image_size
     view = sample_view(rng)
+    if scene == "studio":
+        view = studio_view(view)
     canvas = Image.new("RGB", (width * SUPERSAMPLE, height * SUPERSAMPLE))
     _draw_background(canvas, view, rng)
     _draw_person(canvas, person, view, rng)
@@ -727,8 +745,11 @@ class SyntheticParams:
     seed: int
     image_size: tuple[int, int]
     """(height, width) of the written images."""
+    scene: Scene = "street"
 
     def __post_init__(self) -> None:
+        if self.scene not in ("street", "studio"):
+            raise ValueError(f"synthetic dataset: scene must be 'street' or 'studio', got {self.scene!r}")
         for name in ("num_train_ids", "num_val_ids", "num_test_ids", "images_per_id"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synthetic dataset: {name} must be at least 1, got {getattr(self, name)}")
@@ -773,7 +794,7 @@ def _write_dataset(directory: Path, params: SyntheticParams) -> None:
                 rng = random.Random(f"upperson-synthetic/{params.seed}/{pid}/{view}")
                 person = identities[pid - 1]
                 file_path = f"{folder}/p{pid:05d}_s{len(records):05d}.jpg"
-                render_person(person, rng, params.image_size).save(directory / "imgs" / file_path, quality=JPEG_QUALITY)
+                render_person(person, rng, params.image_size, params.scene).save(directory / "imgs" / file_path, quality=JPEG_QUALITY)
                 captions = make_captions(person, rng)
                 records.append(
                     {"split": split, "captions": captions, "file_path": file_path,
@@ -802,6 +823,7 @@ def generate_synthetic_cuhk(
     images_per_id: int = 4,
     seed: int = 0,
     image_size: tuple[int, int] = (128, 48),
+    scene: Scene = "street",
 ) -> Path:
     """Write (or reuse) a synthetic dataset at ``out_root/CUHK-PEDES`` and return that directory.
 
@@ -818,9 +840,10 @@ def generate_synthetic_cuhk(
         images_per_id: Images per identity in every split (2 captions each).
         seed: Same seed, same files, byte for byte.
         image_size: (height, width) of the images.
+        scene: ``street`` (varied scenes and light) or ``studio`` (plain backdrop, neutral light).
     """
     size = (int(image_size[0]), int(image_size[1]))
-    params = SyntheticParams(num_train_ids, num_val_ids, num_test_ids, images_per_id, seed, size)
+    params = SyntheticParams(num_train_ids, num_val_ids, num_test_ids, images_per_id, seed, size, scene)
     out_root = Path(out_root)
     target = out_root / DATASET_DIR
     if _is_complete(target, params):
