@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from open_clip.model import CLIP
 
 from upperson.backbone.loading import Backbone, load_backbone
@@ -15,8 +16,14 @@ from upperson.methods.up_person import UPPersonConfig, inject_up_person
 
 @dataclass(frozen=True)
 class MethodEntry:
+    """How a method is configured, put into a CLIP, and (if it changes the token flow) run."""
+
     config_class: type
     inject: Callable[[CLIP, Any], None]
+    encode_image: Callable[[CLIP, torch.Tensor], torch.Tensor] | None = None
+    """Replaces ``clip.encode_image(images, normalize=False)`` when the method inserts tokens."""
+    encode_text: Callable[[CLIP, torch.Tensor], torch.Tensor] | None = None
+    """Replaces ``clip.encode_text(ids, normalize=False)``."""
 
 
 METHODS: dict[str, MethodEntry] = {
@@ -63,8 +70,9 @@ def create_model(
 def build_model(backbone: Backbone, method: str, config: Any) -> RetrievalModel:
     """Inject ``method`` (configured by ``config``) into an already loaded backbone."""
     method_config = build_method_config(method, config)
-    METHODS[method].inject(backbone.clip, method_config)
-    return RetrievalModel(backbone, method, method_config)
+    entry = METHODS[method]
+    entry.inject(backbone.clip, method_config)
+    return RetrievalModel(backbone, method, method_config, image_encoder=entry.encode_image, text_encoder=entry.encode_text)
 
 
 def _method_entry(method: str) -> MethodEntry:

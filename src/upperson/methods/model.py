@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from upperson.losses import at_least_fp32
 from upperson.backbone.loading import Backbone, BackboneSpec, state_dict_sha256
-from upperson.petl import KVLoRA, LayerNormAdapter, PETLAttention, PETLModule, ScaledPrefix
+from upperson.petl import PETLAttention, PETLModule
 
-COMPONENT_NAMES: dict[type[PETLModule], str] = {
-    ScaledPrefix: "prefix",
-    KVLoRA: "lora",
-    LayerNormAdapter: "adapter",
-}
+BASE_COMPONENTS = ("prefix", "lora", "adapter")
+"""Columns ``upperson info`` always shows; methods add their own (``PETLModule.component``)."""
 
 
 @dataclass
@@ -40,8 +37,17 @@ class RetrievalModel(nn.Module):
     structurally when the model is built.
     """
 
-    def __init__(self, backbone: Backbone, method: str, config: Any) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: str,
+        config: Any,
+        image_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        text_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
+        self._image_encoder = image_encoder
+        self._text_encoder = text_encoder
         self.clip = backbone.clip
         self.method = method
         self.config = config
@@ -58,18 +64,18 @@ class RetrievalModel(nn.Module):
 
     def petl_modules(self) -> Iterator[PETLModule]:
         """Outermost PETL modules (nested PETL parts are reached through their parent)."""
-        seen: set[int] = set()
-        for module in self.modules():
-            if isinstance(module, PETLModule) and id(module) not in seen:
-                seen.update(id(child) for child in module.modules())
-                yield module
+        return _outermost_petl_modules(self)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` normalised images → ``[N, embed_dim]`` CLS features (fp32, or fp64 for an fp64 model) (unnormalised)."""
+        if self._image_encoder is not None:
+            return at_least_fp32(self._image_encoder(self.clip, images))
         return at_least_fp32(self.clip.encode_image(images, normalize=False))
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """``[N, context_length]`` token ids → ``[N, embed_dim]`` EOT features (fp32 or fp64) (unnormalised)."""
+        if self._text_encoder is not None:
+            return at_least_fp32(self._text_encoder(self.clip, token_ids))
         return at_least_fp32(self.clip.encode_text(token_ids, normalize=False))
 
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,14 +119,21 @@ class RetrievalModel(nn.Module):
         """Counts as the papers report them: CLIP's unused ``logit_scale`` (τ is fixed) is excluded."""
         breakdown: dict[str, dict[str, int]] = {}
         for encoder, tower in (("vision", self.clip.visual), ("text", self.clip.transformer)):
-            counts = {name: 0 for name in COMPONENT_NAMES.values()}
-            for module in tower.modules():
-                component = COMPONENT_NAMES.get(type(module))
-                if component is not None:
-                    counts[component] += sum(p.numel() for p in module.parameters() if p.requires_grad)
+            counts = dict.fromkeys(BASE_COMPONENTS if self.method == "up-person" else (), 0)
+            for module in _outermost_petl_modules(tower):
+                trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+                counts[module.component] = counts.get(module.component, 0) + trainable
             breakdown[encoder] = counts
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(
             p.numel() for name, p in self.clip.named_parameters() if not p.requires_grad and name != "logit_scale"
         )
         return ParameterReport(trainable=trainable, total=trainable + frozen, breakdown=breakdown)
+
+
+def _outermost_petl_modules(root: nn.Module) -> Iterator[PETLModule]:
+    seen: set[int] = set()
+    for module in root.modules():
+        if isinstance(module, PETLModule) and id(module) not in seen:
+            seen.update(id(child) for child in module.modules())
+            yield module

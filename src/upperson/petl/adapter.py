@@ -19,6 +19,8 @@ class LayerNormAdapter(PETLModule):
         reduction: bottleneck = ``width // reduction``.
     """
 
+    component = "adapter"
+
     def __init__(self, width: int, reduction: int) -> None:
         super().__init__()
         if width % reduction:

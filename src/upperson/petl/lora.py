@@ -40,6 +40,8 @@ class LowRankDelta(PETLModule):
 class KVLoRA(PETLModule):
     """Low-rank updates of the K and V rows of ``W_in = [W_q; W_k; W_v]``; Q stays frozen."""
 
+    component = "lora"
+
     def __init__(self, width: int, rank: int) -> None:
         super().__init__()
         self.key = LowRankDelta(width, rank)

@@ -26,6 +26,8 @@ class ScaledPrefix(PETLModule):
         learn_lambda: False freezes λ at ``lambda_init`` (1.0 gives the vanilla prefix).
     """
 
+    component = "prefix"
+
     def __init__(self, width: int, length: int, lambda_init: float, learn_lambda: bool = True) -> None:
         super().__init__()
         self.lambda_init = lambda_init
