@@ -1,4 +1,4 @@
-"""Importing the official UP-Person model's ``state_dict`` (IRRA layout) onto an upperson model.
+"""Importing the official UP-Person / CSKT model's ``state_dict`` (IRRA layout) onto an upperson model.
 
 Official key layout (spec §7), ``{tower}`` = ``visual.`` for the vision encoder, empty for text:
     ``LORA_learner.lora_{image|text}.{l}.lora_{A|B}.{0|1}`` and ``...scale.{0|1}.scale`` (0 = K, 1 = V)
@@ -7,6 +7,11 @@ Official key layout (spec §7), ``{tower}`` = ``visual.`` for the vision encoder
     ``base_model.<OpenAI CLIP key>`` for the frozen CLIP weights.
 Alias keys ``base_model.{tower}transformer.resblocks.{l}.attn.prefix.*`` duplicate the prefix tensors
 and are ignored. fp16 tensors are converted to fp32 by copying into our fp32 parameters.
+
+Official CSKT layout (spec Part A): ``prompt_learner.{ctx|vision}`` (layer 0),
+``prompt_learner.compound_prompts_{text|vision}.{k}`` (layer k+1), ``prompt_learner.{tmap|vmap}.*``
+(layer-0 coupling), ``prompt_learner.compound_prompt_projections[_vision].{k}.*`` (layer k+1), and
+``base_model.{tower}transformer.resblocks.{l}.{ln_3|adapter_mlp.down|adapter_mlp.up}.*``.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from upperson.backbone.pos_embed import resize_visual_pos_embed
-from upperson.methods import RetrievalModel, UPPersonConfig
+from upperson.methods import CSKTConfig, RetrievalModel, UPPersonConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,29 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
         "clip.{tower}transformer.resblocks.{l}.ln_{ln}.adapter.scale",
     ),
 ]
+_CSKT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+    (re.compile(r"^prompt_learner\.ctx$"), lambda m: "clip.transformer.cskt_prompts.prompts.0"),
+    (re.compile(r"^prompt_learner\.vision$"), lambda m: "clip.visual.cskt_prompts.prompts.0"),
+    (
+        re.compile(r"^prompt_learner\.compound_prompts_(?P<tower>text|vision)\.(?P<k>\d+)$"),
+        lambda m: f"clip.{_CSKT_TOWER[m['tower']]}cskt_prompts.prompts.{int(m['k']) + 1}",
+    ),
+    (re.compile(r"^prompt_learner\.tmap\.(?P<p>weight|bias)$"), lambda m: f"clip.transformer.cskt_coupling.layers.0.{m['p']}"),
+    (re.compile(r"^prompt_learner\.vmap\.(?P<p>weight|bias)$"), lambda m: f"clip.visual.cskt_coupling.layers.0.{m['p']}"),
+    (
+        re.compile(r"^prompt_learner\.compound_prompt_projections(?P<vision>_vision)?\.(?P<k>\d+)\.(?P<p>weight|bias)$"),
+        lambda m: f"clip.{'visual.' if m['vision'] else 'transformer.'}cskt_coupling.layers.{int(m['k']) + 1}.{m['p']}",
+    ),
+    (
+        re.compile(r"^base_model\.(?P<tower>visual\.|)transformer\.resblocks\.(?P<l>\d+)\.ln_3\.(?P<p>weight|bias)$"),
+        lambda m: f"clip.{m['tower']}transformer.resblocks.{m['l']}.cskt_adapter.ln.{m['p']}",
+    ),
+    (
+        re.compile(r"^base_model\.(?P<tower>visual\.|)transformer\.resblocks\.(?P<l>\d+)\.adapter_mlp\.(?P<rest>(?:down|up)\.(?:weight|bias))$"),
+        lambda m: f"clip.{m['tower']}transformer.resblocks.{m['l']}.cskt_adapter.{m['rest']}",
+    ),
+]
+_CSKT_TOWER = {"text": "transformer.", "vision": "visual."}
 _ALIAS = re.compile(r"^base_model\.(?:visual\.)?transformer\.resblocks\.\d+\.attn\.prefix\.")
 
 
@@ -91,17 +120,35 @@ def official_to_upperson_key(key: str) -> str | None:
     return None
 
 
+def cskt_official_to_upperson_key(key: str) -> str | None:
+    """Our model key for an official CSKT trainable key, or ``None`` if ``key`` is not one."""
+    for pattern, target in _CSKT_RULES:
+        match = pattern.match(key)
+        if match is not None:
+            return target(match)
+    return None
+
+
+_KEY_MAPPERS: dict[str, Callable[[str], str | None]] = {
+    "up-person": official_to_upperson_key,
+    "cskt": cskt_official_to_upperson_key,
+}
+
+
 def import_official_state_dict(
     model: RetrievalModel,
     state_dict: dict[str, torch.Tensor],
     load_backbone: bool = True,
     strict: bool = True,
 ) -> ImportReport:
-    """Copy an official UP-Person ``state_dict`` into ``model`` (PETL tensors and, optionally, CLIP).
+    """Copy an official UP-Person or CSKT ``state_dict`` into ``model`` (PETL tensors and, optionally, CLIP).
+
+    The layout is chosen by ``model.method``.
 
     Args:
         model: an ``up-person`` model whose config matches the checkpoint (prefix length, rank,
-            depths, reduction); see :func:`upperson.official_config_from_state_dict`.
+            depths, reduction; see :func:`upperson.official_config_from_state_dict`) or a ``cskt``
+            model (prompt length, depth, reduction).
         state_dict: the official model object's ``state_dict()`` (a ``{"model": ...}`` wrapper is unwrapped).
         load_backbone: also copy the CLIP weights under ``base_model.``.
         strict: raise if a PETL tensor of the model is not in the checkpoint or a key is not understood.
@@ -109,8 +156,9 @@ def import_official_state_dict(
     Raises:
         ValueError: unknown/missing keys (strict) or shape mismatches, naming the keys.
     """
-    if model.method != "up-person":
-        raise ValueError(f"official UP-Person checkpoints import onto 'up-person' models, not {model.method!r}")
+    if model.method not in _KEY_MAPPERS:
+        raise ValueError(f"official checkpoints import onto {sorted(_KEY_MAPPERS)} models, not {model.method!r}")
+    to_ours = _KEY_MAPPERS[model.method]
     state_dict = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
     targets = model.state_dict(keep_vars=True)
     petl_keys = set(model.trainable_state_dict())
@@ -118,8 +166,8 @@ def import_official_state_dict(
     assignments: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         key = key.removeprefix("module.")
-        ours = official_to_upperson_key(key)
-        if ours is None and _ALIAS.match(key):
+        ours = to_ours(key)
+        if ours is None and model.method == "up-person" and _ALIAS.match(key):
             report.ignored_aliases += 1
             continue
         if ours is None and key.startswith("base_model."):
@@ -204,8 +252,32 @@ def official_backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[st
     return {
         key.removeprefix("base_model."): tensor
         for key, tensor in state_dict.items()
-        if key.startswith("base_model.") and official_to_upperson_key(key) is None and not _ALIAS.match(key)
+        if key.startswith("base_model.")
+        and official_to_upperson_key(key) is None
+        and cskt_official_to_upperson_key(key) is None
+        and not _ALIAS.match(key)
     }
+
+
+def official_method(state_dict: dict[str, torch.Tensor]) -> str:
+    """``cskt`` for a checkpoint with CSKT's prompt learner, else ``up-person``."""
+    return "cskt" if any(key.startswith("prompt_learner.") for key in state_dict) else "up-person"
+
+
+def cskt_config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides: object) -> CSKTConfig:
+    """Read prompt length, prompted depth and adapter reduction from an official CSKT checkpoint."""
+    ctx = state_dict.get("prompt_learner.ctx")
+    down = next((t for k, t in state_dict.items() if k.endswith("adapter_mlp.down.weight")), None)
+    deep = sum(1 for key in state_dict if re.match(r"^prompt_learner\.compound_prompts_text\.\d+$", key))
+    fields: dict[str, object] = {
+        "prompts": ctx is not None,
+        "prompt_length": ctx.shape[0] if ctx is not None else 4,
+        "depth": deep + 1 if ctx is not None else None,
+        "adapters": down is not None,
+        "adapter_reduction": down.shape[1] // down.shape[0] if down is not None else 8,
+    }
+    fields.update(overrides)
+    return CSKTConfig(**fields)
 
 
 _COMPONENT_PROBES = {

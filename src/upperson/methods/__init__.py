@@ -11,6 +11,8 @@ from open_clip.model import CLIP
 
 from upperson.backbone.loading import Backbone, load_backbone
 from upperson.methods.model import ParameterReport, RetrievalModel
+from upperson.methods import cskt
+from upperson.methods.cskt import CSKTConfig
 from upperson.methods.up_person import UPPersonConfig, inject_up_person
 
 
@@ -28,6 +30,7 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "up-person": MethodEntry(UPPersonConfig, inject_up_person),
+    "cskt": MethodEntry(CSKTConfig, cskt.inject_cskt, encode_image=cskt.encode_image, encode_text=cskt.encode_text),
 }
 
 
@@ -81,4 +84,4 @@ def _method_entry(method: str) -> MethodEntry:
     return METHODS[method]
 
 
-__all__ = ["METHODS", "ParameterReport", "RetrievalModel", "UPPersonConfig", "build_method_config", "build_model", "create_model"]
+__all__ = ["CSKTConfig", "METHODS", "ParameterReport", "RetrievalModel", "UPPersonConfig", "build_method_config", "build_model", "create_model"]
