@@ -12,6 +12,7 @@ from open_clip.model import CLIP
 from upperson.backbone.loading import Backbone, load_backbone
 from upperson.methods.model import ParameterReport, RetrievalModel
 from upperson.methods import cskt
+from upperson.methods.baselines import FullFinetuneConfig, ZeroShotConfig, inject_nothing
 from upperson.methods.cskt import CSKTConfig
 from upperson.methods.up_person import UPPersonConfig, inject_up_person
 
@@ -26,11 +27,15 @@ class MethodEntry:
     """Replaces ``clip.encode_image(images, normalize=False)`` when the method inserts tokens."""
     encode_text: Callable[[CLIP, torch.Tensor], torch.Tensor] | None = None
     """Replaces ``clip.encode_text(ids, normalize=False)``."""
+    trains_backbone: bool = False
+    """Full fine-tuning: every CLIP weight (but ``logit_scale``) trains and is saved."""
 
 
 METHODS: dict[str, MethodEntry] = {
     "up-person": MethodEntry(UPPersonConfig, inject_up_person),
     "cskt": MethodEntry(CSKTConfig, cskt.inject_cskt, encode_image=cskt.encode_image, encode_text=cskt.encode_text),
+    "zero-shot": MethodEntry(ZeroShotConfig, inject_nothing),
+    "full-finetune": MethodEntry(FullFinetuneConfig, inject_nothing, trains_backbone=True),
 }
 
 
@@ -75,7 +80,14 @@ def build_model(backbone: Backbone, method: str, config: Any) -> RetrievalModel:
     method_config = build_method_config(method, config)
     entry = METHODS[method]
     entry.inject(backbone.clip, method_config)
-    return RetrievalModel(backbone, method, method_config, image_encoder=entry.encode_image, text_encoder=entry.encode_text)
+    return RetrievalModel(
+        backbone,
+        method,
+        method_config,
+        image_encoder=entry.encode_image,
+        text_encoder=entry.encode_text,
+        trains_backbone=entry.trains_backbone,
+    )
 
 
 def _method_entry(method: str) -> MethodEntry:
@@ -84,4 +96,4 @@ def _method_entry(method: str) -> MethodEntry:
     return METHODS[method]
 
 
-__all__ = ["CSKTConfig", "METHODS", "ParameterReport", "RetrievalModel", "UPPersonConfig", "build_method_config", "build_model", "create_model"]
+__all__ = ["CSKTConfig", "FullFinetuneConfig", "METHODS", "ZeroShotConfig", "ParameterReport", "RetrievalModel", "UPPersonConfig", "build_method_config", "build_model", "create_model"]

@@ -44,8 +44,10 @@ class RetrievalModel(nn.Module):
         config: Any,
         image_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
         text_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        trains_backbone: bool = False,
     ) -> None:
         super().__init__()
+        self.trains_backbone = trains_backbone
         self._image_encoder = image_encoder
         self._text_encoder = text_encoder
         self.clip = backbone.clip
@@ -57,10 +59,16 @@ class RetrievalModel(nn.Module):
         self.freeze_backbone()
 
     def freeze_backbone(self) -> None:
-        """Freeze everything, then unfreeze exactly the PETL modules' parameters."""
+        """Freeze everything, then unfreeze exactly the PETL modules' parameters.
+
+        Full fine-tuning unfreezes every CLIP weight instead, except the unused ``logit_scale``.
+        """
         self.requires_grad_(False)
         for module in self.petl_modules():
             module.requires_grad_(True)
+        if self.trains_backbone:
+            for name, parameter in self.clip.named_parameters():
+                parameter.requires_grad_(name != "logit_scale")
 
     def petl_modules(self) -> Iterator[PETLModule]:
         """Outermost PETL modules (nested PETL parts are reached through their parent)."""
@@ -84,6 +92,8 @@ class RetrievalModel(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor that defines the adapter: PETL parameters and buffers, by model key."""
         petl_ids = {id(tensor) for module in self.petl_modules() for tensor in module.state_dict(keep_vars=True).values()}
+        if self.trains_backbone:
+            petl_ids |= {id(p) for name, p in self.clip.named_parameters() if name != "logit_scale"}
         return {
             name: tensor
             for name, tensor in self.state_dict(keep_vars=True).items()
@@ -124,6 +134,10 @@ class RetrievalModel(nn.Module):
                 trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
                 counts[module.component] = counts.get(module.component, 0) + trainable
             breakdown[encoder] = counts
+        if self.trains_backbone:
+            vision = sum(p.numel() for p in self.clip.visual.parameters() if p.requires_grad)
+            text = sum(p.numel() for name, p in self.clip.named_parameters() if p.requires_grad and not name.startswith("visual."))
+            breakdown["vision"]["backbone"], breakdown["text"]["backbone"] = vision, text
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(
             p.numel() for name, p in self.clip.named_parameters() if not p.requires_grad and name != "logit_scale"

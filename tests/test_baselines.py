@@ -1,0 +1,55 @@
+"""Zero-shot and full fine-tuning baselines: what trains, what they compute, what they save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL_IMAGE, sample_batch
+
+import upperson
+from upperson.backbone import load_backbone
+from upperson.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_zero_shot_is_open_clip_and_trains_nothing() -> None:
+    model = upperson.create_model("zero-shot", backbone="tiny", image_size=SMALL_IMAGE)
+    clip = load_backbone("tiny", SMALL_IMAGE).clip
+    images, ids, _ = sample_batch()
+    torch.testing.assert_close(model.encode_image(images), clip.encode_image(images), rtol=0, atol=0)
+    torch.testing.assert_close(model.encode_text(ids), clip.encode_text(ids), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in model.parameters())
+    report = model.parameter_report()
+    assert report.trainable == 0 and report.total == sum(p.numel() for n, p in clip.named_parameters() if n != "logit_scale")
+
+
+def test_full_finetune_trains_every_clip_weight_but_the_temperature(tmp_path: Path) -> None:
+    model = upperson.create_model("full-finetune", backbone="tiny", image_size=SMALL_IMAGE)
+    images, ids, pids = sample_batch()
+    upperson.losses.sdm_loss(*model(images, ids), pids).backward()
+    for name, parameter in model.clip.named_parameters():
+        assert parameter.requires_grad == (name != "logit_scale"), name
+        if name not in ("logit_scale",):
+            assert parameter.grad is not None, name
+    report = model.parameter_report()
+    assert report.trainable == report.total
+    assert report.breakdown["vision"]["backbone"] == sum(p.numel() for p in model.clip.visual.parameters())
+    assert report.breakdown["vision"]["backbone"] + report.breakdown["text"]["backbone"] == report.trainable
+
+    with torch.no_grad():
+        model.clip.visual.proj.add_(1.0)
+    path = upperson.save_adapter(model, tmp_path / "full.safetensors")
+    fresh = upperson.create_model("full-finetune", backbone="tiny", image_size=SMALL_IMAGE)
+    upperson.load_adapter(fresh, path)
+    torch.testing.assert_close(fresh.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["zero-shot", "full-finetune", "cskt", "up-person"])
+@pytest.mark.parametrize("dataset", ["cuhk-pedes", "icfg-pedes", "rstpreid"])
+def test_every_method_has_a_config_per_dataset(method: str, dataset: str) -> None:
+    config = load_config(CONFIGS / method / f"{dataset}.yaml")
+    assert config.method == method and config.data.dataset == dataset
+    config.method_config()
