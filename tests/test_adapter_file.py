@@ -119,3 +119,18 @@ def test_not_an_adapter_file(tmp_path: Path) -> None:
         upperson.load_adapter(make_model(), tmp_path / "x.safetensors")
     with pytest.raises(FileNotFoundError):
         upperson.load_adapter(make_model(), tmp_path / "missing.safetensors")
+
+
+def test_a_file_without_a_newer_config_field_loads_as_that_fields_default(tmp_path: Path) -> None:
+    """Adapter files written before a config field existed (e.g. adapter_placement) stay loadable."""
+    model = upperson.create_model("up-person", backbone="tiny", image_size=(64, 32), prefix_length=2, lora_rank=2)
+    path = upperson.save_adapter(model, tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    config = json.loads(metadata["config"])
+    config.pop("adapter_placement", None)
+    config.pop("lora_type", None)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**metadata, "config": json.dumps(config)})
+    upperson.load_adapter(model, old)

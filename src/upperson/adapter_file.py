@@ -111,8 +111,9 @@ def load_adapter(
 def _check_compatible(model: RetrievalModel, metadata: dict[str, str], path: Path, allow_other_weights: bool) -> None:
     if metadata.get("method") != model.method:
         raise AdapterMismatchError(f"{path}: adapter is for method {metadata.get('method')!r}, the model is {model.method!r}")
-    file_config = json.loads(metadata["config"])
     model_config = dataclasses.asdict(model.config)
+    defaults = {f.name: f.default for f in dataclasses.fields(model.config) if f.default is not dataclasses.MISSING}
+    file_config = {**defaults, **json.loads(metadata["config"])}  # files from before a field existed
     differing = sorted(key for key in set(file_config) | set(model_config) if file_config.get(key) != model_config.get(key))
     if set(differing) - NON_STRUCTURAL_FIELDS:
         details = ", ".join(

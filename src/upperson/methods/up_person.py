@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
+from typing import Literal, get_args
 
 from open_clip.model import CLIP
 from open_clip.transformer import ResidualAttentionBlock, Transformer
 
-from upperson.petl import AdaptedLayerNorm, KVLoRA, PETLAttention, ScaledPrefix
+from upperson.petl import (
+    AdaptedLayerNorm,
+    KVDoRA,
+    KVLoRA,
+    PETLAttention,
+    ScaledPrefix,
+    SublayerAdaptedBlock,
+    TunedLayerNorm,
+)
+from upperson.petl.adapter import AdapterConnection
 from upperson.petl.attention import AttentionBackend
+
+AdapterPlacement = Literal[
+    "parallel-ln",
+    "sequential-ln",
+    "ln-tuning",
+    "sequential-mha+sequential-mlp",
+    "parallel-mha+parallel-mlp",
+    "parallel-ln-mha+parallel-mlp",
+    "parallel-mha+parallel-ln-mlp",
+    "sequential-mha",
+    "sequential-mlp",
+    "parallel-mha",
+    "parallel-mlp",
+    "parallel-mha+sequential-mlp",
+    "sequential-mha+parallel-mlp",
+]
+"""Where the adapters of a block go; ``+`` joins the MHA-side and the MLP-side choice (see
+:attr:`UPPersonConfig.adapter_placement`)."""
+
+LoRAType = Literal["lora", "dora"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +66,31 @@ class UPPersonConfig:
     """LoRA rank r (paper: 32, 32, 16)."""
     depth_lora: int | None = None
     """Number of first blocks with LoRA; None = all."""
+    lora_type: LoRAType = "lora"
+    """``lora`` (UP-Person) or ``dora``: weight-decomposed LoRA on K and V (Table VI), same rank."""
     adapter: bool = True
-    """Use L-Adapters parallel to both LayerNorms of each block."""
+    """Use the adapters of ``adapter_placement`` (default: L-Adapters parallel to both LayerNorms)."""
+    adapter_placement: AdapterPlacement = "parallel-ln"
+    """Adapter type and connection (Tables VIII, IX); one bottleneck adapter per site, built like the
+    L-Adapter (width // adapter_reduction, zero-initialised up projection, scalar s):
+
+    * ``parallel-ln``: UP-Person's L-Adapter, ``LN(x) + s·A(x)`` at ``ln_1`` and ``ln_2``
+      (Table VIII "Parallel L-Adapter", Table IX No.1).
+    * ``sequential-ln``: ``LN(x) + s·A(LN(x))`` at both LayerNorms (Table VIII "Sequential L-Adapter").
+    * ``ln-tuning``: no adapter; trainable copies of the gain and bias of ``ln_1`` and ``ln_2``
+      (Table VIII "LN-tuning"; ``ln_pre``/``ln_post``/``ln_final`` stay frozen).
+    * ``sequential-mha+sequential-mlp``: vanilla adapter after each sublayer's output,
+      ``x + f(x) + A(f(x))`` (Table VIII "Sequential Adapter").
+    * ``parallel-mha+parallel-mlp``: vanilla adapter spanning each sublayer, ``x + f(x) + A(x)`` with
+      ``x`` the pre-LN residual stream (Table VIII "Parallel Adapter", Table IX No.3).
+    * ``parallel-ln-mha+parallel-mlp``: L-Adapter at ``ln_1``, parallel adapter spanning the MLP
+      (Table IX No.2 "MHA L-Adapter, MLP Adapter").
+    * ``parallel-mha+parallel-ln-mlp``: parallel adapter spanning the MHA, L-Adapter at ``ln_2``
+      (Table IX No.4 "MHA Adapter, MLP L-Adapter").
+    * ``sequential-mha``, ``sequential-mlp``, ``parallel-mha``, ``parallel-mlp``: one vanilla adapter
+      on that sublayer only; ``parallel-mha+sequential-mlp``, ``sequential-mha+parallel-mlp``: mixed
+      connections (not in the paper; for finer ablations).
+    """
     adapter_reduction: int = 8
     """Adapter bottleneck = width // reduction."""
     depth_adapter: int | None = None
@@ -54,11 +106,13 @@ class UPPersonConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"UPPersonConfig.{name} must be >= 0 or None, got {value}")
-        if self.attention_backend not in get_args(AttentionBackend):
-            raise ValueError(
-                f"UPPersonConfig.attention_backend must be one of {get_args(AttentionBackend)}, "
-                f"got {self.attention_backend!r}"
-            )
+        for name, options in (
+            ("attention_backend", AttentionBackend),
+            ("lora_type", LoRAType),
+            ("adapter_placement", AdapterPlacement),
+        ):
+            if getattr(self, name) not in get_args(options):
+                raise ValueError(f"UPPersonConfig.{name} must be one of {get_args(options)}, got {getattr(self, name)!r}")
 
 
 def _blocks_with(depth: int | None, layers: int, from_end: bool = False) -> range:
@@ -66,8 +120,34 @@ def _blocks_with(depth: int | None, layers: int, from_end: bool = False) -> rang
     return range(layers - count, layers) if from_end else range(count)
 
 
+def adapter_sites(placement: AdapterPlacement) -> dict[str, tuple[str, AdapterConnection | None]]:
+    """``{"mha" | "mlp": (kind, connection)}`` for a placement; kind is ``ln``, ``sublayer`` or ``ln-tuning``.
+
+    Tokens read ``<connection>-<site>``: site ``ln`` = the L-Adapter at both LayerNorms, ``ln-mha`` /
+    ``ln-mlp`` = at the LayerNorm in front of that sublayer, ``mha`` / ``mlp`` = a vanilla adapter
+    around the sublayer.
+    """
+    sites: dict[str, tuple[str, AdapterConnection | None]] = {}
+    for token in placement.split("+"):
+        if token == "ln-tuning":
+            sites.update(mha=("ln-tuning", None), mlp=("ln-tuning", None))
+            continue
+        connection, _, site = token.partition("-")
+        if site == "ln":
+            sites.update(mha=("ln", connection), mlp=("ln", connection))
+        elif site.startswith("ln-"):
+            sites[site.removeprefix("ln-")] = ("ln", connection)
+        else:
+            sites[site] = ("sublayer", connection)
+    return sites
+
+
 def inject_up_person(clip: CLIP, config: UPPersonConfig) -> None:
-    """Replace ``ln_1``, ``attn`` and ``ln_2`` of every selected block of both encoders, in place."""
+    """Replace ``ln_1``, ``attn`` and ``ln_2`` of every selected block of both encoders, in place.
+
+    Adapters around a whole sublayer (``adapter_placement`` with ``-mha`` / ``-mlp`` vanilla adapters)
+    replace the block itself by a :class:`~upperson.petl.SublayerAdaptedBlock` holding the same children.
+    """
     for tower in (clip.visual.transformer, clip.transformer):
         _inject_tower(tower, config)
 
@@ -77,11 +157,11 @@ def _inject_tower(tower: Transformer, config: UPPersonConfig) -> None:
     prefix_blocks = _blocks_with(depth=config.depth_prefix, layers=layers) if config.prefix else range(0)
     lora_blocks = _blocks_with(depth=config.depth_lora, layers=layers) if config.lora else range(0)
     adapter_blocks = _blocks_with(config.depth_adapter, layers, from_end=True) if config.adapter else range(0)
-    for index, block in enumerate(tower.resblocks):
+    for index, block in enumerate(list(tower.resblocks)):
         block: ResidualAttentionBlock
         width = block.attn.embed_dim
         device = block.attn.in_proj_weight.device
-        lora = KVLoRA(width, config.lora_rank).to(device) if index in lora_blocks else None
+        lora = _low_rank_update(block, config) if index in lora_blocks else None
         prefix = (
             ScaledPrefix(width, config.prefix_length, config.lambda_init, config.learn_lambda).to(device)
             if index in prefix_blocks
@@ -89,5 +169,25 @@ def _inject_tower(tower: Transformer, config: UPPersonConfig) -> None:
         )
         block.attn = PETLAttention(block.attn, lora=lora, prefix=prefix, backend=config.attention_backend)
         if index in adapter_blocks:
-            block.ln_1 = AdaptedLayerNorm(block.ln_1, config.adapter_reduction)
-            block.ln_2 = AdaptedLayerNorm(block.ln_2, config.adapter_reduction)
+            tower.resblocks[index] = _add_adapters(block, config)
+
+
+def _low_rank_update(block: ResidualAttentionBlock, config: UPPersonConfig) -> KVLoRA | KVDoRA:
+    if config.lora_type == "dora":
+        return KVDoRA(block.attn.in_proj_weight, config.lora_rank)
+    return KVLoRA(block.attn.embed_dim, config.lora_rank).to(block.attn.in_proj_weight.device)
+
+
+def _add_adapters(block: ResidualAttentionBlock, config: UPPersonConfig) -> ResidualAttentionBlock | SublayerAdaptedBlock:
+    """The block with the adapters of ``config.adapter_placement``; LayerNorm sites are replaced in place."""
+    sites = adapter_sites(config.adapter_placement)
+    for sublayer, norm_name in (("mha", "ln_1"), ("mlp", "ln_2")):
+        kind, connection = sites.get(sublayer, ("", None))
+        if kind == "ln":
+            setattr(block, norm_name, AdaptedLayerNorm(getattr(block, norm_name), config.adapter_reduction, connection))
+        elif kind == "ln-tuning":
+            setattr(block, norm_name, TunedLayerNorm(getattr(block, norm_name)))
+    spanning = {sublayer: connection for sublayer, (kind, connection) in sites.items() if kind == "sublayer"}
+    if not spanning:
+        return block
+    return SublayerAdaptedBlock(block, config.adapter_reduction, mha=spanning.get("mha"), mlp=spanning.get("mlp"))

@@ -1,8 +1,9 @@
-"""L-Adapter: a bottleneck MLP running parallel to a LayerNorm (UP-Person §IV-D)."""
+"""Bottleneck adapters; the L-Adapter runs them beside a LayerNorm (UP-Person §IV-D)."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from open_clip.transformer import LayerNorm
@@ -10,9 +11,15 @@ from torch import nn
 
 from upperson.petl.base import PETLModule
 
+AdapterConnection = Literal["parallel", "sequential"]
+"""``parallel``: the adapter reads what its host reads; ``sequential``: it reads the host's output."""
 
-class LayerNormAdapter(PETLModule):
+
+class BottleneckAdapter(PETLModule):
     """``s · (W_up · ReLU(W_down · x + b_down) + b_up)``, zero at initialisation.
+
+    The same module serves the L-Adapter (beside a LayerNorm) and the vanilla adapters around a
+    whole MHA or MLP sublayer, so that the ablations differ only in where it is connected.
 
     Args:
         width: residual-stream width of the block.
@@ -42,20 +49,31 @@ class LayerNormAdapter(PETLModule):
         return self.scale * self.up(torch.relu(self.down(x)))
 
 
-class AdaptedLayerNorm(LayerNorm):
-    """The block's frozen LayerNorm plus an L-Adapter reading the same raw input.
+LayerNormAdapter = BottleneckAdapter
+"""The L-Adapter's bottleneck (kept under the name the rest of the code and users know)."""
 
-    ``LN(x) + s · A(x)``: the adapter sees the pre-norm residual stream and its output is added to
-    the normalised output, not to the residual. Subclassing open_clip's LayerNorm keeps the
+
+class AdaptedLayerNorm(LayerNorm):
+    """The block's frozen LayerNorm plus an L-Adapter.
+
+    Parallel (UP-Person): ``LN(x) + s · A(x)``: the adapter sees the pre-norm residual stream and its
+    output is added to the normalised output, not to the residual. Sequential (Table VIII
+    "Sequential L-Adapter"): ``LN(x) + s · A(LN(x))``. Subclassing open_clip's LayerNorm keeps the
     checkpoint keys ``ln_1.weight`` / ``ln_1.bias`` unchanged after injection.
     """
 
-    def __init__(self, norm: nn.LayerNorm, reduction: int) -> None:
+    def __init__(self, norm: nn.LayerNorm, reduction: int, connection: AdapterConnection = "parallel") -> None:
+        if connection not in ("parallel", "sequential"):
+            raise ValueError(f"L-Adapter connection must be 'parallel' or 'sequential', got {connection!r}")
         width = norm.normalized_shape[0]
         super().__init__(width, eps=norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
         self.weight = norm.weight
         self.bias = norm.bias
+        self.connection = connection
         self.adapter = LayerNormAdapter(width, reduction).to(norm.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.adapter(x)
+        if self.connection == "parallel":
+            return super().forward(x) + self.adapter(x)
+        normalised = super().forward(x)
+        return normalised + self.adapter(normalised)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from upperson.petl.dora import KVDoRA
 from upperson.petl.lora import KVLoRA
 from upperson.petl.prefix import ScaledPrefix
 
@@ -15,7 +16,7 @@ AttentionBackend = Literal["sdpa", "explicit"]
 
 
 class PETLAttention(nn.Module):
-    """Multi-head self-attention over the frozen CLIP projections, with optional LoRA and prefix.
+    """Multi-head self-attention over the frozen CLIP projections, with optional LoRA (or DoRA) and prefix.
 
     The frozen ``in_proj_weight`` / ``in_proj_bias`` / ``out_proj`` are the wrapped module's own
     parameters, registered under the same names, so checkpoint keys do not change on injection.
@@ -30,7 +31,7 @@ class PETLAttention(nn.Module):
     def __init__(
         self,
         attention: nn.MultiheadAttention,
-        lora: KVLoRA | None = None,
+        lora: KVLoRA | KVDoRA | None = None,
         prefix: ScaledPrefix | None = None,
         backend: AttentionBackend = "sdpa",
     ) -> None:
@@ -68,11 +69,10 @@ class PETLAttention(nn.Module):
         side_lora = self.lora is not None and not self.lora_merged
         weight = self.in_proj_weight
         if side_lora and self.backend == "explicit":
-            weight = weight + self.lora.in_proj_delta()
+            weight = self.lora.updated_in_proj(weight)
         q, k, v = F.linear(x, weight, self.in_proj_bias).chunk(3, dim=-1)
         if side_lora and self.backend == "sdpa":
-            k = k + self.lora.key(x)
-            v = v + self.lora.value(x)
+            k, v = self.lora.update_key_value(x, k, v, self.in_proj_weight, self.in_proj_bias)
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(t.shape[0], -1, heads, head_dim).transpose(1, 2)  # [B, H, tokens, head_dim]
@@ -106,14 +106,14 @@ class PETLAttention(nn.Module):
 
     @torch.no_grad()
     def merge_lora(self) -> None:
-        """Fold the LoRA update into the frozen in-projection (inference: no side branch)."""
+        """Fold the LoRA (or DoRA) update into the frozen in-projection (inference: no side branch)."""
         if self.lora is not None and not self.lora_merged:
-            self.in_proj_weight.add_(self.lora.in_proj_delta().to(self.in_proj_weight.dtype))
+            self.lora.merge_(self.in_proj_weight)
             self.lora_merged = True
 
     @torch.no_grad()
     def unmerge_lora(self) -> None:
         """Undo :meth:`merge_lora` so LoRA trains again as a side branch."""
         if self.lora is not None and self.lora_merged:
-            self.in_proj_weight.sub_(self.lora.in_proj_delta().to(self.in_proj_weight.dtype))
+            self.lora.unmerge_(self.in_proj_weight)
             self.lora_merged = False

@@ -55,4 +55,28 @@ class KVLoRA(PETLModule):
         """``[0; ΔW_k; ΔW_v]`` shaped like the fused ``[3·width, width]`` in-projection."""
         key_delta, value_delta = self.key.weight(), self.value.weight()
         return torch.cat([torch.zeros_like(key_delta), key_delta, value_delta], dim=0)
- 
+
+    def updated_in_proj(self, in_proj_weight: torch.Tensor) -> torch.Tensor:
+        """``W_in + [0; ΔW_k; ΔW_v]``: the whole in-projection with LoRA applied (explicit form)."""
+        return in_proj_weight + self.in_proj_delta()
+
+    def update_key_value(
+        self,
+        x: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        in_proj_weight: torch.Tensor,
+        in_proj_bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen ``k``, ``v`` → ``k + σK·x AKᵀ BKᵀ``, ``v + σV·x AVᵀ BVᵀ`` (the frozen weights are not needed)."""
+        return key + self.key(x), value + self.value(x)
+
+    @torch.no_grad()
+    def merge_(self, in_proj_weight: torch.Tensor) -> None:
+        """Add the update into the frozen weight in place."""
+        in_proj_weight.add_(self.in_proj_delta().to(in_proj_weight.dtype))
+
+    @torch.no_grad()
+    def unmerge_(self, in_proj_weight: torch.Tensor) -> None:
+        """Subtract the update that :meth:`merge_` added."""
+        in_proj_weight.sub_(self.in_proj_delta().to(in_proj_weight.dtype))
