@@ -62,7 +62,8 @@ def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(fixture_root: Path, tmp_path: Path) -> None:
-    config = load_config(None, tiny_overrides(fixture_root, tmp_path))
+    # SDM + ID: the identity classifier lives outside the adapter and must be resumed too
+    config = load_config(None, tiny_overrides(fixture_root, tmp_path) + ["train.losses=[sdm,id]", "train.id_lr_factor=5"])
     straight = Trainer(config, tmp_path / "straight").fit()
     interrupted = Trainer(config, tmp_path / "resumed")
     assert interrupted.fit(stop_after_epochs=2) is None
@@ -71,6 +72,9 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(fixture_root: Pat
         a, b = _adapter_tensors(tmp_path / "straight" / name), _adapter_tensors(tmp_path / "resumed" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert straight.test_metrics == resumed.test_metrics
+    states = [torch.load(tmp_path / run / "state.pt", weights_only=True)["objective"] for run in ("straight", "resumed")]
+    assert states[0].keys() == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
     history = (tmp_path / "straight" / "history.csv").read_text()
     assert "val_R1" in history and "images_per_s" in history
     assert (tmp_path / "straight" / "train_log.txt").read_text().count("epoch 3 done") == 1

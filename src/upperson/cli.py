@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,6 +16,7 @@ import upperson
 from upperson.backbone import BackboneLoadError, backbone_from_state_dict, load_backbone, read_checkpoint_state_dict
 from upperson.config import load_config
 from upperson.data import check_dataset, load_dataset
+from upperson.data.records import MissingSplitError
 from upperson.evaluation.evaluate import evaluate_split
 from upperson.methods import METHODS, RetrievalModel, build_model
 from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
@@ -64,6 +66,54 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("root", type=Path, help="directory holding the dataset folder (or the folder itself)")
     check.add_argument("--dataset", required=True, help="cuhk-pedes, icfg-pedes, rstpreid, flickr30k or mscoco")
     check.add_argument("--no-verify-images", action="store_true", help="skip opening every image")
+
+    ablate = commands.add_parser(
+        "ablate",
+        help="train and evaluate variants of a config, then write ablation.md/.json (paper Tables V, X)",
+        description="Train every variant of VARIANTS.yaml on top of the base config, evaluate each on the test split, "
+        "and tabulate them. VARIANTS.yaml is a YAML list of {name: NAME, set: {dotted.key: value, ...}} entries, e.g. "
+        "'- {name: sdm+itc, set: {train.losses: [sdm, itc]}}'. Each variant runs in OUT/NAME; finished variants "
+        "(metrics.json present) are skipped and interrupted ones resume, so re-running finishes a study.",
+    )
+    ablate.add_argument("--base", type=Path, help="base YAML config (defaults if omitted)")
+    ablate.add_argument("--variants", type=Path, required=True, help="YAML list of {name, set} entries")
+    ablate.add_argument("--out", type=Path, help="study directory (default: <output_dir>/<variants file name>)")
+    ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every variant, before the variant's own")
+
+    cross = commands.add_parser(
+        "cross-domain",
+        help="evaluate trained runs on other datasets; source x target R@1/mAP matrix (paper Table XI)",
+        description="For each run directory (config.yaml + best.safetensors from `upperson train`) evaluate text-to-image "
+        "retrieval on every target dataset's split and write cross_domain.md and cross_domain.json.",
+    )
+    cross.add_argument("--runs", type=Path, nargs="+", required=True, metavar="RUN_DIR", help="trained run directories")
+    cross.add_argument(
+        "--datasets", nargs="+", default=[], metavar="NAME=ROOT",
+        help="target datasets, e.g. rstpreid=/data icfg-pedes=/data (default: the runs' own training datasets)",
+    )
+    cross.add_argument("--split", default="test", help="split evaluated on every target (default: test)")
+    cross.add_argument("--adapter", choices=("best", "last"), default="best", help="which adapter of each run")
+    cross.add_argument("--out", type=Path, default=Path("runs/cross-domain"), help="where to write the matrix")
+    cross.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run's config, e.g. device=cpu")
+
+    profile = commands.add_parser(
+        "profile",
+        help="parameters, GFLOPs per image/text, training-step peak memory and throughput (paper Table IV)",
+        description="Profile a method configuration on the current device: trainable/total parameters, forward GFLOPs "
+        "per image and per caption (LoRA merged), peak memory of one training step at --batch-size, and inference "
+        "images/s and texts/s. Backbone weights do not change the numbers; 'tiny' needs no download.",
+    )
+    profile.add_argument("--config", type=Path, help="YAML config (defaults if omitted)")
+    profile.add_argument("--method", choices=sorted(METHODS), help="method (overrides the config's)")
+    profile.add_argument("--backbone", help="'tiny', a CLIP checkpoint file, or '<open_clip name>[:<tag or file>]'")
+    profile.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.lora_rank=16")
+    profile.add_argument("--variants", type=Path, help="also profile each entry of a variants file (format of `ablate`)")
+    profile.add_argument("--batch-size", type=int, help="training and inference batch (default: train.batch_size)")
+    profile.add_argument("--image-size", nargs=2, type=int, metavar=("HEIGHT", "WIDTH"), help="default: data.image_size")
+    profile.add_argument("--device", help="cpu, cuda, cuda:1 (default: the config's device)")
+    profile.add_argument("--num-classes", type=int, help="training identities for the ID classifier (default: read the dataset)")
+    profile.add_argument("--steps", type=int, default=5, help="timed inference batches per encoder (median)")
+    profile.add_argument("--json", type=Path, help="also write the results as JSON here")
 
     demo = commands.add_parser("demo", help="generate synthetic pedestrians, train UP-Person on a tiny CLIP, evaluate, draw results")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
@@ -205,6 +255,60 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from upperson.ablation import ABLATION_JSON, ABLATION_MARKDOWN, format_ablation_table, run_ablation
+
+    out = args.out or Path(load_config(args.base, args.set).output_dir) / args.variants.stem
+    print(f"study directory: {out}")
+    rows = run_ablation(args.base, args.variants, out, args.set, progress=_progress)
+    print(format_ablation_table(rows))
+    print(f"wrote {out / ABLATION_MARKDOWN} and {out / ABLATION_JSON}")
+    return EXIT_OK
+
+
+def _cross_domain(args: argparse.Namespace) -> int:
+    from upperson.cross_domain import Target, default_targets, evaluate_cross_domain, format_cross_domain, load_runs, write_cross_domain
+
+    runs = load_runs(args.runs, args.set, adapter_name=f"{args.adapter}.safetensors")
+    targets = [Target.parse(text) for text in args.datasets] or default_targets(runs)
+    result = evaluate_cross_domain(runs, targets, args.split, progress=_progress)
+    markdown, payload = write_cross_domain(args.out, result)
+    print(format_cross_domain(result))
+    print(f"wrote {markdown} and {payload}")
+    return EXIT_OK
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from upperson.ablation import read_variants, variant_config
+    from upperson.profiling import format_profile_table, profile_config
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    overrides = []
+    if args.method:
+        overrides.append(f"method={args.method}")
+    if args.backbone:
+        overrides.append(f"backbone={args.backbone}")
+    if args.image_size:
+        overrides.append(f"data.image_size=[{args.image_size[0]},{args.image_size[1]}]")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    overrides += args.set
+    base = load_config(args.config, overrides)
+    configs = [(base.method, base)]
+    if args.variants:
+        configs += [(variant.name, variant_config(args.config, overrides, variant, Path(base.output_dir))) for variant in read_variants(args.variants)]
+    results = []
+    for label, config in configs:
+        print(f"profiling {label} ...", file=sys.stderr)
+        results.append(profile_config(config, label, batch_size=args.batch_size, num_classes=args.num_classes, steps=args.steps))
+    print(format_profile_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([dataclasses.asdict(result) for result in results], indent=2))
+    return EXIT_OK
+
+
 def format_metrics_table(metrics: dict[str, dict[str, float]], label: str = "task") -> str:
     """The papers' table: task | R1 | R5 | R10 | mAP | mINP | rSum."""
     columns = ("R1", "R5", "R10", "mAP", "mINP", "rSum")
@@ -223,13 +327,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"info": _info, "convert": _convert, "train": _train, "eval": _eval, "data": _data, "demo": _demo}
+    handlers = {
+        "info": _info, "convert": _convert, "train": _train, "eval": _eval, "data": _data, "demo": _demo,
+        "ablate": _ablate, "cross-domain": _cross_domain, "profile": _profile,
+    }
     try:
         return handlers[args.command](args)
     except DatasetValidationError as error:
         print(f"upperson {args.command}: the dataset would break training:\n{error}", file=sys.stderr)
         return EXIT_FAILURE
-    except (BackboneLoadError, upperson.AdapterMismatchError, FileNotFoundError, ValueError, TypeError) as error:
+    except (BackboneLoadError, upperson.AdapterMismatchError, FileNotFoundError, ValueError, TypeError, MissingSplitError) as error:
         print(f"upperson {args.command}: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
 

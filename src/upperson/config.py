@@ -14,6 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from upperson.losses import LOSS_NAMES
 from upperson.methods import build_method_config
 
 
@@ -93,6 +94,21 @@ class TrainConfig:
     """Model selection: val split, test split (the papers' protocol, labelled in reports), or last epoch."""
     log_every: int = 50
     """Log the running loss every this many steps."""
+    losses: tuple[str, ...] = ("sdm",)
+    """Training losses, summed with weight 1 (paper Table X): any of sdm, itc, id; id adds an identity classifier."""
+    id_lr_factor: float = 1.0
+    """Learning-rate multiplier of the identity classifier: 1 = UP-Person code (one lr for all tensors), 5 = IRRA."""
+
+    def __post_init__(self) -> None:
+        if not self.losses:
+            raise ConfigError(f"train.losses must name at least one loss of {', '.join(LOSS_NAMES)}")
+        unknown = [name for name in self.losses if name not in LOSS_NAMES]
+        if unknown:
+            raise ConfigError(f"train.losses: unknown loss(es) {unknown}; choose from {', '.join(LOSS_NAMES)}")
+        if len(set(self.losses)) != len(self.losses):
+            raise ConfigError(f"train.losses lists a loss twice: {list(self.losses)}")
+        if self.id_lr_factor <= 0:
+            raise ConfigError(f"train.id_lr_factor must be > 0, got {self.id_lr_factor}")
 
 
 @dataclass
@@ -230,6 +246,10 @@ def _coerce(value: Any, hint: Any, origin: str, key: str) -> Any:
         if value is not None:
             raise fail()
         return None
+    if origin_type is tuple and get_args(hint)[-1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return tuple(_coerce(item, get_args(hint)[0], origin, key) for item in value)
     if origin_type is tuple:
         item_types = get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 SDM_EPSILON = 1e-8
 """Added inside the log of the label distribution; makes mass on negatives very expensive."""
 
+LOSS_NAMES = ("sdm", "itc", "id")
+"""Losses a run can select (``train.losses``); their sum is the training loss (IRRA, paper Table X)."""
+
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast fp16/bf16 to fp32; fp32 and fp64 pass through (fp64 keeps equivalence tests exact)."""

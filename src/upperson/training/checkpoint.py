@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from upperson._io import atomic_path
 from upperson.methods import RetrievalModel
@@ -53,10 +54,16 @@ def save_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     state: TrainingState,
+    objective: nn.Module | None = None,
 ) -> None:
-    """Adapter tensors, optimizer, scheduler, grad scaler, RNG states and progress, atomically."""
+    """Adapter tensors, loss-head tensors, optimizer, scheduler, grad scaler, RNG states and progress, atomically.
+
+    ``objective`` holds what the losses train besides the model (the ID classifier); it is saved
+    here and not in the adapter file because only a resumed run needs it.
+    """
     payload = {
         "adapter": {name: tensor.detach().cpu() for name, tensor in model.trainable_state_dict().items()},
+        "objective": {name: tensor.detach().cpu() for name, tensor in (objective.state_dict() if objective else {}).items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -75,6 +82,7 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
+    objective: nn.Module | None = None,
 ) -> TrainingState:
     """Restore everything :func:`save_training_state` wrote; returns the progress record."""
     if not path.is_file():
@@ -86,9 +94,23 @@ def load_training_state(
     with torch.no_grad():
         for name, tensor in payload["adapter"].items():
             targets[name].copy_(tensor)
+    _restore_objective(path, payload.get("objective", {}), objective)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     if scaler is not None and payload["scaler"] is not None:
         scaler.load_state_dict(payload["scaler"])
     _restore_rng(payload["rng"])
     return TrainingState(payload["completed_epochs"], payload["best_score"], payload["best_epoch"])
+
+
+def _restore_objective(path: Path, stored: dict[str, torch.Tensor], objective: nn.Module | None) -> None:
+    expected = objective.state_dict() if objective is not None else {}
+    shapes = {name: tuple(tensor.shape) for name, tensor in stored.items()}
+    wanted = {name: tuple(tensor.shape) for name, tensor in expected.items()}
+    if shapes != wanted:
+        raise ValueError(
+            f"{path}: loss-head tensors {shapes} do not match the run's train.losses and dataset ({wanted}); "
+            "resume with the config and data the run was started with"
+        )
+    if objective is not None:
+        objective.load_state_dict(stored)

@@ -1,4 +1,4 @@
-"""Training a method on a dataset: validate data, train with SDM, select, checkpoint, resume, report."""
+"""Training a method on a dataset: validate data, train with the selected losses, select, checkpoint, resume, report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from upperson.data.records import RetrievalDataset
 from upperson.data.samplers import build_train_sampler
 from upperson.data.transforms import build_transforms
 from upperson.evaluation.evaluate import Progress, _SilentProgress, autocast, evaluate_split
-from upperson.losses import sdm_loss
 from upperson.methods import RetrievalModel, create_model
 from upperson.training.checkpoint import (
     BEST_ADAPTER,
@@ -35,6 +34,7 @@ from upperson.training.checkpoint import (
     load_training_state,
     save_training_state,
 )
+from upperson.training.objective import TrainingObjective
 from upperson.training.schedule import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,49 @@ class TrainResult:
     selection: str
     best_epoch: int
     test_metrics: dict[str, dict[str, float]]
+    parameters: dict[str, int] = field(default_factory=dict)
+    """``trainable``, ``total`` and ``loss_head`` (ID classifier) parameter counts."""
+
+
+@dataclass
+class TrainingParts:
+    """Everything one optimizer step touches; built identically for a fresh and a resumed run."""
+
+    model: RetrievalModel
+    objective: TrainingObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and total counts including the loss head, as the paper's Table X counts SDM + ID."""
+        report = self.model.parameter_report()
+        head = self.objective.num_parameters()
+        return {"trainable": report.trainable + head, "total": report.total + head, "loss_head": head}
+
+
+def build_training(config: RunConfig, num_train_ids: int, device: torch.device) -> TrainingParts:
+    """The model, loss head, optimizer, scheduler and grad scaler of a run (call after seeding)."""
+    model = create_model(
+        config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config()
+    ).to(device)
+    model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
+    objective = TrainingObjective(
+        config.train.losses, model.backbone_spec.embed_dim, num_train_ids, config.train.temperature
+    ).to(device)
+    optimizer = build_optimizer(model, config.optim, head=objective, head_lr_factor=config.train.id_lr_factor)
+    scheduler = build_scheduler(optimizer, config.optim, config.train.epochs)
+    scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
+    return TrainingParts(model, objective, optimizer, scheduler, scaler)
+
+
+def loss_terms(
+    parts: TrainingParts, images: torch.Tensor, caption_ids: torch.Tensor, pids: torch.Tensor, precision: str
+) -> dict[str, torch.Tensor]:
+    """Encode a batch under autocast and evaluate each selected loss (in fp32) on the features."""
+    with autocast(images.device, precision):
+        image_features, text_features = parts.model(images, caption_ids)
+    return parts.objective(image_features, text_features, pids)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,18 +155,18 @@ class Trainer:
                 save_config(config, self.run_dir / CONFIG_FILE)
             seed_everything(config.train.seed)
             dataset = self._load_validated_dataset()
-            model = create_model(
-                config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config()
-            ).to(self.device)
-            model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
-            report = model.parameter_report()
-            logger.info("trainable %s of %s parameters (%.2f %%)", f"{report.trainable:,}", f"{report.total:,}", report.percent)
-            optimizer = build_optimizer(model, config.optim)
-            scheduler = build_scheduler(optimizer, config.optim, config.train.epochs)
-            scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
+            parts = build_training(config, dataset.num_train_ids, self.device)
+            counts = parts.parameter_counts()
+            logger.info(
+                "trainable %s of %s parameters (%.2f %%; loss head %s); losses %s",
+                f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"],
+                f"{counts['loss_head']:,}", "+".join(config.train.losses),
+            )
             state = TrainingState(0, None, None)
             if resume:
-                state = load_training_state(self.run_dir / STATE_FILE, model, optimizer, scheduler, scaler)
+                state = load_training_state(
+                    self.run_dir / STATE_FILE, parts.model, parts.optimizer, parts.scheduler, parts.scaler, parts.objective
+                )
                 logger.info("resuming after epoch %d", state.completed_epochs)
             selection = self._selection_split(dataset)
             train_set = ImageTextDataset(
@@ -133,16 +176,18 @@ class Trainer:
                 seed=config.train.seed,
             )
             for epoch in range(state.completed_epochs, config.train.epochs):
-                self._train_epoch(model, train_set, optimizer, scaler, epoch)
-                scheduler.step()
+                self._train_epoch(parts, train_set, epoch)
+                parts.scheduler.step()
                 state.completed_epochs = epoch + 1
-                self._select(model, dataset, selection, state, epoch)
-                upperson.save_adapter(model, self.run_dir / LAST_ADAPTER)
-                save_training_state(self.run_dir / STATE_FILE, model, optimizer, scheduler, scaler, state)
+                self._select(parts.model, dataset, selection, state, epoch)
+                upperson.save_adapter(parts.model, self.run_dir / LAST_ADAPTER)
+                save_training_state(
+                    self.run_dir / STATE_FILE, parts.model, parts.optimizer, parts.scheduler, parts.scaler, state, parts.objective
+                )
                 if stop_after_epochs is not None and state.completed_epochs >= stop_after_epochs < config.train.epochs:
                     logger.info("stopping after epoch %d as requested; resume with --resume %s", epoch + 1, self.run_dir)
                     return None
-            return self._final_report(model, dataset, selection, state)
+            return self._final_report(parts.model, dataset, selection, state, counts)
         finally:
             logging.getLogger("upperson").removeHandler(handler)
             handler.close()
@@ -201,15 +246,9 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
-    def _train_epoch(
-        self,
-        model: RetrievalModel,
-        train_set: ImageTextDataset,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler | None,
-        epoch: int,
-    ) -> None:
+    def _train_epoch(self, parts: TrainingParts, train_set: ImageTextDataset, epoch: int) -> None:
         config = self.config
+        model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
         torch.manual_seed(config.train.seed * 100_003 + epoch)  # augmentation in the main process
         loader = self._train_loader(train_set, epoch)
         accumulation = config.train.grad_accumulation
@@ -217,6 +256,7 @@ class Trainer:
         lr = optimizer.param_groups[0]["lr"]
         bar = self.progress(total=len(loader), desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch")
         started, seen, running_loss, steps = time.perf_counter(), 0, 0.0, 0
+        running_terms = dict.fromkeys(config.train.losses, 0.0)
         optimizer.zero_grad(set_to_none=True)
         for index, batch in enumerate(loader):
             if batch is None:
@@ -224,9 +264,8 @@ class Trainer:
             images = batch["images"].to(self.device, non_blocking=True)
             caption_ids = batch["caption_ids"].to(self.device, non_blocking=True)
             pids = batch["pids"].to(self.device, non_blocking=True)
-            with autocast(self.device, config.train.precision):
-                image_features, text_features = model(images, caption_ids)
-            loss = sdm_loss(image_features, text_features, pids, temperature=config.train.temperature)
+            terms = loss_terms(parts, images, caption_ids, pids, config.train.precision)
+            loss = sum(terms.values())
             (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
             if (index + 1) % accumulation == 0 or index + 1 == len(loader):
                 if scaler:
@@ -238,6 +277,8 @@ class Trainer:
             seen += len(pids)
             steps += 1
             running_loss += loss.item()
+            for name, term in terms.items():
+                running_terms[name] += term.item()
             rate = seen / (time.perf_counter() - started)
             bar.update(1)
             bar.set_postfix(loss=f"{running_loss / steps:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
@@ -247,7 +288,10 @@ class Trainer:
         seconds = time.perf_counter() - started
         mean_loss = running_loss / max(steps, 1)
         logger.info("epoch %d done: loss %.4f, lr %.2e, %.1f images/s, %.0f s", epoch + 1, mean_loss, lr, seen / seconds, seconds)
-        self._append_history({"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "images_per_s": seen / seconds, "seconds": seconds})
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
+        if len(running_terms) > 1:
+            row.update({f"loss_{name}": total / max(steps, 1) for name, total in running_terms.items()})
+        self._append_history({**row, "lr": lr, "images_per_s": seen / seconds, "seconds": seconds})
 
     def _select(self, model: RetrievalModel, dataset: RetrievalDataset, selection: str | None, state: TrainingState, epoch: int) -> None:
         config = self.config
@@ -276,7 +320,9 @@ class Trainer:
             progress=self.progress,
         )
 
-    def _final_report(self, model: RetrievalModel, dataset: RetrievalDataset, selection: str | None, state: TrainingState) -> TrainResult:
+    def _final_report(
+        self, model: RetrievalModel, dataset: RetrievalDataset, selection: str | None, state: TrainingState, parameters: dict[str, int]
+    ) -> TrainResult:
         best_path = self.run_dir / BEST_ADAPTER
         if selection is None or not best_path.exists():
             upperson.save_adapter(model, best_path)
@@ -288,8 +334,9 @@ class Trainer:
         test_metrics = self._evaluate(model, dataset, "test", i2t=self.config.eval.i2t)
         logger.info("test (%s, epoch %d): %s", label, best_epoch, _format_metrics(test_metrics["t2i"]))
         with atomic_path(self.run_dir / METRICS_FILE) as temporary:
-            temporary.write_text(json.dumps({"selection": label, "best_epoch": best_epoch, **test_metrics}, indent=2))
-        return TrainResult(self.run_dir, best_path, label, best_epoch, test_metrics)
+            report = {"selection": label, "best_epoch": best_epoch, "parameters": parameters, **test_metrics}
+            temporary.write_text(json.dumps(report, indent=2))
+        return TrainResult(self.run_dir, best_path, label, best_epoch, test_metrics, parameters)
 
     def _append_history(self, row: dict[str, Any]) -> None:
         path = self.run_dir / HISTORY_FILE

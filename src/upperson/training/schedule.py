@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,21 +24,31 @@ def lr_multiplier(epoch: int, total_epochs: int, warmup_epochs: int = 5, warmup_
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Adam:
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, head: nn.Module | None = None, head_lr_factor: float = 1.0
+) -> torch.optim.Adam:
     """Adam over the trainable tensors: biases get ``weight_decay_bias`` and ``lr × bias_lr_factor``.
 
     "Bias" means a 1-d tensor named ``*bias`` (adapter and projection biases), as in the official rules.
+    ``head`` (the identity classifier of the ID loss) follows IRRA's classifier rule (spec B.9): its
+    tensors get ``lr × head_lr_factor`` instead of the bias factor, and the usual weight decays.
     """
+    groups = _groups(model, config.lr, config.lr * config.bias_lr_factor, config)
+    if head is not None and any(parameter.requires_grad for parameter in head.parameters()):
+        head_lr = config.lr * head_lr_factor
+        groups += _groups(head, head_lr, head_lr, config)
+    return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps)
+
+
+def _groups(module: nn.Module, lr: float, bias_lr: float, config: OptimConfig) -> list[dict[str, Any]]:
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for name, parameter in module.named_parameters():
         if parameter.requires_grad:
             (no_decay if name.endswith("bias") else decay).append(parameter)
-    groups = [{"params": decay, "lr": config.lr, "weight_decay": config.weight_decay}]
+    groups = [{"params": decay, "lr": lr, "weight_decay": config.weight_decay}]
     if no_decay:
-        groups.append(
-            {"params": no_decay, "lr": config.lr * config.bias_lr_factor, "weight_decay": config.weight_decay_bias}
-        )
-    return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps)
+        groups.append({"params": no_decay, "lr": bias_lr, "weight_decay": config.weight_decay_bias})
+    return groups
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
