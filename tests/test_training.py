@@ -114,3 +114,18 @@ def test_training_fails_fast_on_a_broken_dataset(tmp_path: Path, capsys: pytest.
         argv += ["--set", item]
     assert main(argv) == 1
     assert "missing" in capsys.readouterr().err.lower()
+
+
+def test_zero_shot_evaluates_without_an_adapter_and_refuses_to_train(
+    fixture_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--set", f"data.root={fixture_root}", "--set", "backbone=tiny", "--set", "data.image_size=[64,32]",
+            "--set", "data.num_workers=0", "--set", "train.precision=fp32", "--set", "device=cpu"]
+    config = Path(__file__).resolve().parents[1] / "configs" / "zero-shot" / "cuhk-pedes.yaml"
+    assert main(["eval", "--config", str(config), *base, "--json", str(tmp_path / "zs.json")]) == 0
+    assert json.loads((tmp_path / "zs.json").read_text())["t2i"]["num_queries"] == 3 * 2 * 2
+    assert main(["train", "--config", str(config), *base, "--set", f"output_dir={tmp_path}"]) == 1
+    assert "nothing to train" in capsys.readouterr().err
+    up_person = Path(__file__).resolve().parents[1] / "configs" / "up-person" / "cuhk-pedes.yaml"
+    assert main(["eval", "--config", str(up_person), *base, "--set", "model.prefix_length=2"]) == 1
+    assert "--adapter is required" in capsys.readouterr().err

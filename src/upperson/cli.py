@@ -20,7 +20,13 @@ from upperson.data.records import MissingSplitError
 from upperson.evaluation.evaluate import evaluate_split
 from upperson.methods import METHODS, RetrievalModel, build_model
 from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
-from upperson.official import import_official_state_dict, official_backbone_state_dict, official_config_from_state_dict
+from upperson.official import (
+    cskt_config_from_state_dict,
+    import_official_state_dict,
+    official_backbone_state_dict,
+    official_config_from_state_dict,
+    official_method,
+)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -37,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--image-size", nargs=2, type=int, default=(384, 128), metavar=("HEIGHT", "WIDTH"))
     info.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="method option, e.g. prefix_length=10")
 
-    convert = commands.add_parser("convert", help="official UP-Person checkpoint → upperson adapter file")
+    convert = commands.add_parser("convert", help="official UP-Person or CSKT checkpoint → upperson adapter file")
     convert.add_argument("checkpoint", type=Path, help="official .pth (the model's state_dict, optionally under 'model')")
     convert.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
     convert.add_argument("--backbone", help="CLIP the adapter will run on (default: the CLIP weights inside the checkpoint)")
@@ -51,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate an adapter on a dataset split (also cross-domain)")
     evaluate.add_argument("--config", type=Path, help="the config the adapter was trained with (run_dir/config.yaml)")
-    evaluate.add_argument("--adapter", type=Path, required=True, help="adapter file (.safetensors)")
+    evaluate.add_argument("--adapter", type=Path, help="adapter file (.safetensors); not used by method zero-shot")
     evaluate.add_argument("--dataset", help="evaluate on another dataset than the config's (cross-domain)")
     evaluate.add_argument("--root", help="data root for --dataset")
     evaluate.add_argument("--split", default="test", help="split to evaluate (test or val)")
@@ -147,10 +153,10 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
 def format_parameter_report(model: RetrievalModel) -> str:
     """A table of trainable parameters per encoder and component, then trainable/total."""
     report = model.parameter_report()
-    components = list(next(iter(report.breakdown.values())))
+    components = list(dict.fromkeys(name for counts in report.breakdown.values() for name in counts))
     lines = [f"{'encoder':<8}" + "".join(f"{name:>14}" for name in components) + f"{'sum':>14}"]
     for encoder, counts in report.breakdown.items():
-        lines.append(f"{encoder:<8}" + "".join(f"{counts[name]:>14,}" for name in components) + f"{sum(counts.values()):>14,}")
+        lines.append(f"{encoder:<8}" + "".join(f"{counts.get(name, 0):>14,}" for name in components) + f"{sum(counts.values()):>14,}")
     lines.append(f"trainable {report.trainable:,} of {report.total:,} ({report.percent:.2f} %)")
     return "\n".join(lines)
 
@@ -170,13 +176,15 @@ def _info(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     state_dict = read_checkpoint_state_dict(args.checkpoint)
-    config = official_config_from_state_dict(state_dict, **_parse_options(args.set))
+    method = official_method(state_dict)
+    read_config = cskt_config_from_state_dict if method == "cskt" else official_config_from_state_dict
+    config = read_config(state_dict, **_parse_options(args.set))
     image_size = tuple(args.image_size)
     if args.backbone:
         backbone = load_backbone(args.backbone, image_size)
     else:
         backbone = backbone_from_state_dict(official_backbone_state_dict(state_dict), image_size, f"{args.checkpoint} (base_model)")
-    model = build_model(backbone, "up-person", config)
+    model = build_model(backbone, method, config)
     report = import_official_state_dict(model, state_dict, load_backbone=not args.backbone)
     upperson.save_adapter(model, args.out)
     size_mb = args.out.stat().st_size / 1e6
@@ -186,7 +194,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _progress(**kwargs: object) -> tqdm:
-    return tqdm(dynamic_ncols=True, **kwargs)
+    """A live bar on a terminal; in a log file (not a TTY) at most one line per 30 s per bar."""
+    return tqdm(dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0, **kwargs)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -213,7 +222,10 @@ def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     device = resolve_device(config.device)
     model = upperson.create_model(config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config())
-    upperson.load_adapter(model, args.adapter, allow_other_backbone_weights=args.allow_other_backbone)
+    if args.adapter is not None:
+        upperson.load_adapter(model, args.adapter, allow_other_backbone_weights=args.allow_other_backbone)
+    elif model.trainable_state_dict():
+        raise ValueError(f"--adapter is required for method {config.method!r} (only zero-shot evaluates without one)")
     model.merge_lora()
     dataset = load_dataset(config.data.dataset, config.data.root)
     metrics = evaluate_split(
@@ -228,11 +240,11 @@ def _eval(args: argparse.Namespace) -> int:
         i2t=args.i2t or config.eval.i2t,
         progress=_progress,
     )
-    print(f"{config.data.dataset} {args.split} with {args.adapter}:")
+    print(f"{config.data.dataset} {args.split} with {args.adapter or 'the frozen backbone (zero-shot)'}:")
     print(format_metrics_table(metrics))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"dataset": config.data.dataset, "split": args.split, "adapter": str(args.adapter), **metrics}, indent=2))
+        args.json.write_text(json.dumps({"dataset": config.data.dataset, "split": args.split, "adapter": str(args.adapter) if args.adapter else None, **metrics}, indent=2))
     return EXIT_OK
 
 
