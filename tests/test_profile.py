@@ -90,3 +90,14 @@ def test_cli_profile_usage_and_failures(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["profile", "--method", "nonsense"]) == 2
     assert main(["profile", "--set", "train.losses=[sdm,id]", "--set", "data.root=/nonexistent"]) == 1
     assert "--num-classes" in capsys.readouterr().err
+
+
+def test_flops_include_multihead_attention_on_its_inference_fast_path() -> None:
+    """Even head counts in eval mode take MHA's fused fast path; its projections and attention still count."""
+    width, heads, tokens = 64, 4, 5
+    attention = torch.nn.MultiheadAttention(width, heads, batch_first=True).eval()
+    x = torch.randn(2, tokens, width)
+    projections = 2 * 2 * tokens * (3 * width * width + width * width)  # in + out projections, 2 samples
+    scores = 2 * 2 * 2 * tokens * tokens * width  # QK^T and AV, 2 samples
+    assert count_flops(lambda inp: attention(inp, inp, inp, need_weights=False), x) == projections + scores
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -85,10 +85,19 @@ def _flop_counter() -> FlopCounterMode:
 
 
 def count_flops(function: Callable[..., Any], *inputs: Any) -> int:
-    """Forward FLOPs of ``function(*inputs)`` under ``torch.no_grad``."""
+    """Forward FLOPs of ``function(*inputs)`` under ``torch.no_grad``.
+
+    ``nn.MultiheadAttention``'s inference fast path (eval, no grad, even head count: every OpenAI
+    CLIP) runs as one fused op the counter does not see, so it is switched off while counting.
+    """
     counter = _flop_counter()
-    with torch.no_grad(), counter:
-        function(*inputs)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), counter:
+            function(*inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops()
 
 

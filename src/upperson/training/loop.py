@@ -85,8 +85,6 @@ def build_training(config: RunConfig, num_train_ids: int, device: torch.device) 
     model = create_model(
         config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config()
     ).to(device)
-    if not model.trainable_state_dict():
-        raise ValueError(f"method {config.method!r} has nothing to train; evaluate it with `upperson eval --config ...`")
     model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
     objective = TrainingObjective(
         config.train.losses, model.backbone_spec.embed_dim, num_train_ids, config.train.temperature
@@ -158,6 +156,8 @@ class Trainer:
             seed_everything(config.train.seed)
             dataset = self._load_validated_dataset()
             parts = build_training(config, dataset.num_train_ids, self.device)
+            if not parts.model.trainable_state_dict():
+                raise ValueError(f"method {config.method!r} has nothing to train; evaluate it with `upperson eval --config ...`")
             counts = parts.parameter_counts()
             logger.info(
                 "trainable %s of %s parameters (%.2f %%; loss head %s); losses %s",
