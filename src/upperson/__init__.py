@@ -3,7 +3,7 @@
 from upperson import losses, petl
 from upperson.adapter_file import AdapterMismatchError, load_adapter, save_adapter
 from upperson.backbone import BackboneLoadError, load_backbone
-from upperson.methods import METHODS, RetrievalModel, UPPersonConfig, create_model
+from upperson.methods import METHODS, CSKTConfig, RetrievalModel, UPPersonConfig, create_model
 from upperson.official import import_official_state_dict, official_config_from_state_dict
 from upperson.tokenizer import MASK_TOKEN_ID, tokenize
 from upperson.version import __version__
@@ -11,6 +11,7 @@ from upperson.version import __version__
 __all__ = [
     "AdapterMismatchError",
     "BackboneLoadError",
+    "CSKTConfig",
     "MASK_TOKEN_ID",
     "METHODS",
     "RetrievalModel",
