@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,13 @@ def test_flops_include_multihead_attention_on_its_inference_fast_path() -> None:
     scores = 2 * 2 * 2 * tokens * tokens * width  # QK^T and AV, 2 samples
     assert count_flops(lambda inp: attention(inp, inp, inp, need_weights=False), x) == projections + scores
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_cli_profile_with_the_mlm_head(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    argv = ["profile", "--backbone", "tiny", "--image-size", "64", "32", "--batch-size", "2", "--device", "cpu",
+            "--set", "train.precision=fp32", "--set", "train.losses=[sdm,id,mlm]", "--num-classes", "10",
+            "--set", "model.prefix_length=2", "--set", "model.lora_rank=2", "--steps", "1", "--json", str(out)]
+    assert main(argv) == 0
+    row = json.loads(out.read_text())[0]
+    assert row["train_peak_bytes"] > 0 and row["trainable_parameters"] > 0

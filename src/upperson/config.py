@@ -15,7 +15,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from upperson.losses import LOSS_NAMES
-from upperson.methods import build_method_config
+from upperson.methods import METHODS, build_method_config
+from upperson.methods.baselines import inject_nothing
 
 
 class ConfigError(ValueError):
@@ -95,9 +96,11 @@ class TrainConfig:
     log_every: int = 50
     """Log the running loss every this many steps."""
     losses: tuple[str, ...] = ("sdm",)
-    """Training losses, summed with weight 1 (paper Table X): any of sdm, itc, id; id adds an identity classifier."""
+    """Training losses, summed with weight 1 (paper Table X): any of sdm, itc, id, mlm; id adds an identity
+    classifier, mlm IRRA's cross-modal MLM head (up-person and full-finetune only)."""
     id_lr_factor: float = 1.0
-    """Learning-rate multiplier of the identity classifier: 1 = UP-Person code (one lr for all tensors), 5 = IRRA."""
+    """Learning-rate multiplier of the loss heads (ID classifier, MLM head): 1 = UP-Person code (one lr for
+    all tensors), 5 = IRRA (which leaves the MLM head's LayerNorms at the base lr; here the whole head gets it)."""
 
     def __post_init__(self) -> None:
         if not self.losses:
@@ -151,6 +154,15 @@ class RunConfig:
             raise ConfigError(f"model: {error}") from error
         if self.train.batch_size % self.train.grad_accumulation:
             raise ConfigError("train.batch_size must be divisible by train.grad_accumulation")
+        if "mlm" in self.train.losses:
+            entry = METHODS[self.method]
+            if entry.encode_image is not None or entry.encode_text is not None:
+                raise ConfigError(
+                    f"train.losses: 'mlm' is not supported for method {self.method!r}: it encodes with its own token "
+                    "flow (the official CSKT mlm path is broken, spec A.13); remove 'mlm' from train.losses"
+                )
+            if entry.inject is inject_nothing and not entry.trains_backbone:
+                raise ConfigError(f"train.losses: 'mlm' needs a trainable method; {self.method!r} trains nothing")
 
     def method_config(self) -> Any:
         return build_method_config(self.method, self.model)

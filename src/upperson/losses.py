@@ -12,8 +12,10 @@ import torch.nn.functional as F
 SDM_EPSILON = 1e-8
 """Added inside the log of the label distribution; makes mass on negatives very expensive."""
 
-LOSS_NAMES = ("sdm", "itc", "id")
+LOSS_NAMES = ("sdm", "itc", "id", "mlm")
 """Losses a run can select (``train.losses``); their sum is the training loss (IRRA, paper Table X)."""
+MLM_IGNORE_INDEX = 0
+"""MLM label of unselected positions (spec B.4); the cross-entropy skips them."""
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -81,3 +83,14 @@ def id_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, pids: torch.T
     The classifier itself (``embed_dim → #train ids``) belongs to the method, not to the loss.
     """
     return (F.cross_entropy(at_least_fp32(image_logits), pids) + F.cross_entropy(at_least_fp32(text_logits), pids)) / 2
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """IRRA's masked-language-modelling cross-entropy over the selected caption positions.
+
+    Args:
+        logits: ``[B, L, vocab]`` scores of the MLM head.
+        labels: ``[B, L]`` original ids at selected positions, :data:`MLM_IGNORE_INDEX` elsewhere.
+    """
+    scores = at_least_fp32(logits).reshape(-1, logits.shape[-1])  # [B * L, vocab]
+    return F.cross_entropy(scores, labels.reshape(-1), ignore_index=MLM_IGNORE_INDEX)

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import random
 import resource
 import statistics
 import time
@@ -31,6 +32,7 @@ import upperson
 from upperson.config import RunConfig
 from upperson.data import load_dataset
 from upperson.evaluation.evaluate import autocast
+from upperson.data.masking import mask_caption_tokens_with_labels
 from upperson.training.loop import TrainingParts, build_training, loss_terms, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,8 @@ class _Batch:
     images: torch.Tensor
     caption_ids: torch.Tensor
     pids: torch.Tensor
+    mlm_ids: torch.Tensor
+    mlm_labels: torch.Tensor
 
 
 def _make_batch(batch_size: int, image_size: tuple[int, int], num_classes: int, device: torch.device) -> _Batch:
@@ -176,7 +180,12 @@ def _make_batch(batch_size: int, image_size: tuple[int, int], num_classes: int, 
     images = torch.randn(batch_size, 3, *image_size, generator=generator)
     captions = [PROFILE_CAPTIONS[index % len(PROFILE_CAPTIONS)] for index in range(batch_size)]
     pids = (torch.arange(batch_size) // 2) % num_classes  # pairs share an identity, as with K >= 2 samplers
-    return _Batch(images.to(device), upperson.tokenize(captions).to(device), pids.to(device))
+    caption_ids = upperson.tokenize(captions)
+    rng = random.Random(0)
+    masked = [mask_caption_tokens_with_labels(ids, rng) for ids in caption_ids]
+    mlm_ids = torch.stack([ids for ids, _ in masked])
+    mlm_labels = torch.stack([labels for _, labels in masked])
+    return _Batch(images.to(device), caption_ids.to(device), pids.to(device), mlm_ids.to(device), mlm_labels.to(device))
 
 
 def train_step_memory(parts: TrainingParts, batch: _Batch, precision: str) -> PeakMemory:
@@ -184,7 +193,8 @@ def train_step_memory(parts: TrainingParts, batch: _Batch, precision: str) -> Pe
     parts.model.train()
     with PeakMemory(batch.images.device) as memory:
         parts.optimizer.zero_grad(set_to_none=True)
-        loss = sum(loss_terms(parts, batch.images, batch.caption_ids, batch.pids, precision).values())
+        terms = loss_terms(parts, batch.images, batch.caption_ids, batch.pids, precision, batch.mlm_ids, batch.mlm_labels)
+        loss = sum(terms.values())
         if parts.scaler is not None:
             parts.scaler.scale(loss).backward()
             parts.scaler.step(parts.optimizer)

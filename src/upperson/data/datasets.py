@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, default_collate
 
-from upperson.data.masking import mask_caption_tokens
+from upperson.data.masking import MLM_MASK_PROB, mask_caption_tokens_with_labels
 from upperson.data.records import TrainSample
 from upperson.tokenizer import CONTEXT_LENGTH, tokenize
 
@@ -81,6 +81,11 @@ class ImageTextDataset(Dataset):
     an RNG seeded by ``(seed, epoch, index)``, so an item is the same in any worker and on resume.
     Call `set_epoch` before creating the epoch's iterator: workers copy the dataset when the
     iterator starts (with ``persistent_workers`` they would keep the old epoch).
+
+    With ``mlm=True`` items also hold ``mlm_ids`` and ``mlm_labels`` for the MLM loss. As in the
+    official code (UP-Person sets ``caption_ids = mlm_tokens``; IRRA masks both through shared
+    memory) they come from the same draw as the masked ``caption_ids``; with caption masking off,
+    ``caption_ids`` stay clean and the MLM gets its own draw at the official 15 %.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class ImageTextDataset(Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         text_mask_prob: float = 0.0,
         seed: int = 0,
+        mlm: bool = False,
     ) -> None:
         if not 0.0 <= text_mask_prob <= 1.0:
             raise ValueError(f"text_mask_prob must be in [0, 1], got {text_mask_prob}")
@@ -96,6 +102,7 @@ class ImageTextDataset(Dataset):
         self.transform = transform
         self.text_mask_prob = text_mask_prob
         self.seed = seed
+        self.mlm = mlm
         self.epoch = 0
         self._read = _ImageReader()
 
@@ -112,10 +119,16 @@ class ImageTextDataset(Dataset):
         if image is None:
             return None
         caption_ids = tokenize(sample.caption)[0]
-        if self.text_mask_prob > 0:
+        item: dict[str, Any] = {}
+        if self.text_mask_prob > 0 or self.mlm:
             rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
-            caption_ids = mask_caption_tokens(caption_ids, rng, self.text_mask_prob)
-        return {"images": self.transform(image), "caption_ids": caption_ids, "pids": sample.pid, "image_ids": sample.image_id}
+            prob = self.text_mask_prob if self.text_mask_prob > 0 else MLM_MASK_PROB
+            masked_ids, labels = mask_caption_tokens_with_labels(caption_ids, rng, prob)
+            if self.text_mask_prob > 0:
+                caption_ids = masked_ids
+            if self.mlm:
+                item = {"mlm_ids": masked_ids, "mlm_labels": labels}
+        return {"images": self.transform(image), "caption_ids": caption_ids, "pids": sample.pid, "image_ids": sample.image_id, **item}
 
 
 class ImageDataset(Dataset):

@@ -86,6 +86,47 @@ class RetrievalModel(nn.Module):
             return at_least_fp32(self._text_encoder(self.clip, token_ids))
         return at_least_fp32(self.clip.encode_text(token_ids, normalize=False))
 
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` images → ``[N, 1 + patches, embed_dim]`` projected tokens, CLS first.
+
+        Every token goes through ``ln_post @ proj`` as the CLS token does in `encode_image`, so row 0
+        is the image feature; IRRA's MLM cross-attends to all rows.
+        """
+        visual = self.clip.visual
+        self._require_plain_tokens("image", self._image_encoder)
+        if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != "tok" or visual.proj is None:
+            raise ValueError("encode_image_tokens needs a ViT that pools its CLS token after ln_post and projects it")
+        x = visual.conv1(images)  # [N, width, grid_h, grid_w]
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [N, patches, width]
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [N, 1 + patches, width]
+        x = visual.ln_pre(visual.patch_dropout(x))
+        x = visual.ln_post(visual.transformer(x))
+        return at_least_fp32(x @ visual.proj)
+
+    def encode_text_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``[N, context_length]`` ids → ``[N, context_length, embed_dim]`` projected tokens.
+
+        Every token goes through ``ln_final @ text_projection`` as the EOT token does in
+        `encode_text`, so the row at ``argmax(ids)`` is the text feature.
+        """
+        clip = self.clip
+        self._require_plain_tokens("text", self._text_encoder)
+        if getattr(clip, "text_pool_type", "argmax") != "argmax":
+            raise ValueError("encode_text_tokens needs a CLIP text tower pooled at the EOT (argmax) token")
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(token_ids).to(cast_dtype) + clip.positional_embedding.to(cast_dtype)  # [N, L, width]
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
+        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return at_least_fp32(x)
+
+    def _require_plain_tokens(self, tower: str, encoder: Callable[..., torch.Tensor] | None) -> None:
+        if encoder is not None:
+            raise ValueError(
+                f"method {self.method!r} encodes {tower} with its own token flow; token-level features (and so the "
+                "MLM loss, train.losses 'mlm') are not supported for it"
+            )
+
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(token_ids)
 

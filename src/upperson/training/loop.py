@@ -60,7 +60,7 @@ class TrainResult:
     best_epoch: int
     test_metrics: dict[str, dict[str, float]]
     parameters: dict[str, int] = field(default_factory=dict)
-    """``trainable``, ``total`` and ``loss_head`` (ID classifier) parameter counts."""
+    """``trainable``, ``total`` and ``loss_head`` (ID classifier and MLM head) parameter counts."""
 
 
 @dataclass
@@ -74,7 +74,7 @@ class TrainingParts:
     scaler: torch.amp.GradScaler | None
 
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable and total counts including the loss head, as the paper's Table X counts SDM + ID."""
+        """Trainable and total counts including the loss heads, as the paper's Table X counts SDM + ID (+ MLM)."""
         report = self.model.parameter_report()
         head = self.objective.num_parameters()
         return {"trainable": report.trainable + head, "total": report.total + head, "loss_head": head}
@@ -87,7 +87,11 @@ def build_training(config: RunConfig, num_train_ids: int, device: torch.device) 
     ).to(device)
     model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
     objective = TrainingObjective(
-        config.train.losses, model.backbone_spec.embed_dim, num_train_ids, config.train.temperature
+        config.train.losses,
+        model.backbone_spec.embed_dim,
+        num_train_ids,
+        config.train.temperature,
+        vocab_size=model.clip.token_embedding.num_embeddings,
     ).to(device)
     optimizer = build_optimizer(model, config.optim, head=objective, head_lr_factor=config.train.id_lr_factor)
     scheduler = build_scheduler(optimizer, config.optim, config.train.epochs)
@@ -96,12 +100,36 @@ def build_training(config: RunConfig, num_train_ids: int, device: torch.device) 
 
 
 def loss_terms(
-    parts: TrainingParts, images: torch.Tensor, caption_ids: torch.Tensor, pids: torch.Tensor, precision: str
+    parts: TrainingParts,
+    images: torch.Tensor,
+    caption_ids: torch.Tensor,
+    pids: torch.Tensor,
+    precision: str,
+    mlm_ids: torch.Tensor | None = None,
+    mlm_labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Encode a batch under autocast and evaluate each selected loss (in fp32) on the features."""
+    """Encode a batch under autocast and evaluate each selected loss (in fp32) on the features.
+
+    With the MLM loss the images are encoded once, to all tokens, and the image feature is their
+    CLS row; the masked caption is encoded to all tokens too, and when it is the caption SDM sees
+    (caption masking on, as in the official code) its EOT row is the text feature.
+    """
+    mlm_head = parts.objective.mlm
+    if mlm_head is None:
+        with autocast(images.device, precision):
+            image_features, text_features = parts.model(images, caption_ids)
+        return parts.objective(image_features, text_features, pids)
+    if mlm_ids is None or mlm_labels is None:
+        raise ValueError("train.losses includes 'mlm': the batch needs mlm_ids and mlm_labels (ImageTextDataset(mlm=True))")
     with autocast(images.device, precision):
-        image_features, text_features = parts.model(images, caption_ids)
-    return parts.objective(image_features, text_features, pids)
+        image_tokens = parts.model.encode_image_tokens(images)  # [B, 1 + patches, D]
+        text_tokens = parts.model.encode_text_tokens(mlm_ids)  # [B, L, D]
+        if torch.equal(mlm_ids, caption_ids):
+            text_features = text_tokens[torch.arange(len(caption_ids), device=caption_ids.device), caption_ids.argmax(dim=-1)]
+        else:
+            text_features = parts.model.encode_text(caption_ids)
+        mlm_logits = mlm_head(text_tokens, image_tokens)  # [B, L, vocab]
+    return parts.objective(image_tokens[:, 0], text_features, pids, mlm_logits=mlm_logits, mlm_labels=mlm_labels)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,6 +204,7 @@ class Trainer:
                 build_transforms(config.data.image_size, train=True, augment=config.data.augment),
                 text_mask_prob=config.data.text_mask_prob,
                 seed=config.train.seed,
+                mlm="mlm" in config.train.losses,
             )
             for epoch in range(state.completed_epochs, config.train.epochs):
                 self._train_epoch(parts, train_set, epoch)
@@ -266,7 +295,8 @@ class Trainer:
             images = batch["images"].to(self.device, non_blocking=True)
             caption_ids = batch["caption_ids"].to(self.device, non_blocking=True)
             pids = batch["pids"].to(self.device, non_blocking=True)
-            terms = loss_terms(parts, images, caption_ids, pids, config.train.precision)
+            mlm = {key: batch[key].to(self.device, non_blocking=True) for key in ("mlm_ids", "mlm_labels") if key in batch}
+            terms = loss_terms(parts, images, caption_ids, pids, config.train.precision, **mlm)
             loss = sum(terms.values())
             (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
             if (index + 1) % accumulation == 0 or index + 1 == len(loader):
