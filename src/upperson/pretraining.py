@@ -23,7 +23,7 @@ from upperson._io import atomic_path
 from upperson.backbone import load_backbone
 from upperson.data import load_dataset
 from upperson.data.datasets import ImageTextDataset, collate_skip_none
-from upperson.data.synthetic import generate_synthetic_cuhk
+from upperson.data.synthetic import Scene, generate_synthetic_cuhk
 from upperson.data.transforms import build_transforms
 from upperson.evaluation.evaluate import Progress, _SilentProgress
 from upperson.losses import itc_loss
@@ -42,7 +42,7 @@ class PretrainingSettings:
     """Identities in the pre-training corpus (4 images, 8 captions each)."""
     corpus_seed: int = 1
     """Generator seed of the corpus; the demo's target dataset uses seed 0 (other people)."""
-    corpus_scene: str = "studio"
+    corpus_scene: Scene = "studio"
     """Plain backdrops and neutral light, while the target data are street scenes: a domain shift."""
     image_size: tuple[int, int] = (128, 48)
     epochs: int = 8
