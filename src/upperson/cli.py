@@ -19,6 +19,7 @@ from upperson.data import check_dataset, load_dataset
 from upperson.data.records import MissingSplitError
 from upperson.evaluation.evaluate import evaluate_split
 from upperson.methods import METHODS, RetrievalModel, build_model
+from upperson.training.distributed import DistributedEnv
 from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
 from upperson.official import (
     cskt_config_from_state_dict,
@@ -205,8 +206,15 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.set)
         run_dir = args.run_dir or default_run_dir(config)
+    distributed = DistributedEnv.from_environment()
+    if distributed.enabled and not args.resume and not args.run_dir and not config.run_name:
+        raise ValueError("under torchrun give --run-dir or run_name: the default (timestamped) name can differ between processes")
+    if not distributed.is_main:  # under torchrun only rank 0 reports; the others show warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
+        Trainer(config, run_dir, distributed=distributed).fit(resume=bool(args.resume))
+        return EXIT_OK
     print(f"run directory: {run_dir}")
-    result = Trainer(config, run_dir, progress=_progress).fit(resume=bool(args.resume))
+    result = Trainer(config, run_dir, progress=_progress, distributed=distributed).fit(resume=bool(args.resume))
     print(f"test metrics ({result.selection}, epoch {result.best_epoch}):")
     print(format_metrics_table(result.test_metrics))
     print(f"adapter: {result.best_adapter}")

@@ -78,7 +78,8 @@ class TrainConfig:
     epochs: int = 60
     """Number of epochs."""
     batch_size: int = 128
-    """Samples per optimizer step (before accumulation)."""
+    """Samples per optimizer step over all processes: under torchrun each of N processes takes
+    batch_size / N (split further by ``grad_accumulation``)."""
     grad_accumulation: int = 1
     """Micro-batches per optimizer step; each has batch_size / grad_accumulation samples."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"

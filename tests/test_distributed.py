@@ -1,0 +1,193 @@
+"""Two-process DDP training on CPU (Gloo): gradients are the ranks' mean, ranks agree, rank 0 writes, resume.
+
+One spawn of two workers runs every scenario (spawning costs seconds); the tests read what the
+workers left in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from test_training import tiny_overrides, write_cuhk_fixture
+
+from upperson.config import load_config
+from upperson.losses import MLM_IGNORE_INDEX
+from upperson.training.distributed import DistributedEnv, process_group, resolve_distributed_device
+from upperson.training.loop import Trainer, TrainingParts, build_training, loss_terms, seed_everything
+
+WORLD = 2
+TIMEOUT_S = 120
+TRAIN_OVERRIDES = ["train.losses=[sdm,id]", "train.id_lr_factor=5", "train.epochs=2"]
+
+
+class _RecordingTrainer(Trainer):
+    """Test-only hook: every rank saves its trainable tensors (adapter and loss head) after each epoch."""
+
+    def __init__(self, *args: object, record_dir: Path, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.record_dir = record_dir
+
+    def _train_epoch(self, parts: TrainingParts, train_set: object, epoch: int) -> None:
+        super()._train_epoch(parts, train_set, epoch)
+        tensors = {**parts.model.trainable_state_dict(), **{f"objective.{k}": v for k, v in parts.objective.state_dict().items()}}
+        name = f"{self.run_dir.name}_rank{self.distributed.rank}_epoch{epoch + 1}.pt"
+        torch.save({key: value.detach().clone() for key, value in tensors.items()}, self.record_dir / name)
+
+
+def _trainable_grads(parts: TrainingParts) -> dict[str, torch.Tensor]:
+    named = [*parts.model.named_parameters(), *(("objective." + n, p) for n, p in parts.objective.named_parameters())]
+    return {name: p.grad.detach().clone() for name, p in named if p.requires_grad and p.grad is not None}
+
+
+def _local_batch(parts: TrainingParts, rank: int, size: int = 4) -> dict[str, torch.Tensor]:
+    """A different synthetic batch per rank, with MLM inputs (3 masked positions per caption)."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    vocab, length = parts.model.clip.token_embedding.num_embeddings, parts.model.clip.positional_embedding.shape[0]
+    caption_ids = torch.randint(2, vocab - 1, (size, length), generator=generator)
+    mlm_ids, mlm_labels = caption_ids.clone(), torch.full_like(caption_ids, MLM_IGNORE_INDEX)
+    mlm_ids[:, 1:4] = 1
+    mlm_labels[:, 1:4] = caption_ids[:, 1:4]
+    return {
+        "images": torch.randn(size, 3, 64, 32, generator=generator),
+        "caption_ids": caption_ids,
+        "pids": torch.tensor([0, 0, 1, 2]) + rank,
+        "mlm_ids": mlm_ids,
+        "mlm_labels": mlm_labels,
+    }
+
+
+def _gradients(parts: TrainingParts, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    terms = loss_terms(parts, batch["images"], batch["caption_ids"], batch["pids"], "fp32", batch["mlm_ids"], batch["mlm_labels"])
+    sum(terms.values()).backward()
+    return _trainable_grads(parts)
+
+
+def _worker(rank: int, port: int, data_root: Path, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = DistributedEnv.from_environment()
+    device = torch.device("cpu")
+    with process_group(env, device):
+        # one step of SDM + ID + MLM: DDP-wrapped on the local batch vs unwrapped on the same batch
+        config = load_config(None, tiny_overrides(data_root, out) + ["train.losses=[sdm,id,mlm]"])
+        seed_everything(config.train.seed)
+        wrapped = build_training(config, 4, device, env)
+        seed_everything(config.train.seed)
+        plain = build_training(config, 4, device)
+        batch = _local_batch(plain, rank)
+        torch.save({"ddp": _gradients(wrapped, batch), "plain": _gradients(plain, batch)}, out / f"grads_rank{rank}.pt")
+
+        config = load_config(None, tiny_overrides(data_root, out) + TRAIN_OVERRIDES)
+        _RecordingTrainer(config, out / "straight", record_dir=out).fit()
+        interrupted = _RecordingTrainer(config, out / "resumed", record_dir=out)
+        assert interrupted.fit(stop_after_epochs=1) is None
+        result = _RecordingTrainer(config, out / "resumed", record_dir=out).fit(resume=True)
+        torch.save({"best_epoch": result.best_epoch, "t2i": result.test_metrics["t2i"]}, out / f"result_rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_root = write_cuhk_fixture(tmp_path_factory.mktemp("data"), {"train": 6, "val": 3, "test": 3})
+    out = tmp_path_factory.mktemp("ddp")
+    context = mp.start_processes(_worker, args=(_free_port(), data_root, out), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    return out
+
+
+def test_ddp_gradient_is_the_mean_of_the_ranks_gradients(runs: Path) -> None:
+    grads = [torch.load(runs / f"grads_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    names = grads[0]["plain"].keys()
+    assert any(name.startswith("objective.classifier") for name in names)
+    assert any(name.startswith("objective.mlm") for name in names)
+    assert any(not name.startswith("objective.") for name in names)
+    differing = [name for name in names if not torch.allclose(grads[0]["plain"][name], grads[1]["plain"][name])]
+    assert len(differing) > len(names) // 2  # the ranks' batches really differ (zero-initialised gates excepted)
+    for name in names:
+        expected = (grads[0]["plain"][name] + grads[1]["plain"][name]) / 2
+        for rank in range(WORLD):
+            torch.testing.assert_close(grads[rank]["ddp"][name], expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ranks_hold_identical_tensors_after_every_epoch(runs: Path) -> None:
+    for run, epochs in (("straight", (1, 2)), ("resumed", (1, 2))):
+        for epoch in epochs:
+            rank0, rank1 = (torch.load(runs / f"{run}_rank{r}_epoch{epoch}.pt", weights_only=True) for r in range(WORLD))
+            assert rank0.keys() == rank1.keys() and any(key.startswith("objective.") for key in rank0)
+            assert all(torch.equal(rank0[key], rank1[key]) for key in rank0), (run, epoch)
+    last = load_file(str(runs / "straight" / "last.safetensors"))
+    recorded = torch.load(runs / "straight_rank1_epoch2.pt", weights_only=True)
+    assert last.keys() == {key for key in recorded if not key.startswith("objective.")}
+    assert all(torch.equal(last[key], recorded[key]) for key in last)
+
+
+def test_rank_zero_writes_the_run_once(runs: Path) -> None:
+    run = runs / "straight"
+    assert {"config.yaml", "best.safetensors", "last.safetensors", "state.pt", "metrics.json"} <= {p.name for p in run.iterdir()}
+    assert json.loads((run / "metrics.json").read_text())["t2i"]["num_queries"] == 3 * 2 * 2
+    log = (run / "train_log.txt").read_text()
+    assert log.count("epoch 2 done") == 1 and log.count("test (") == 1
+    history = (run / "history.csv").read_text().splitlines()
+    assert sum(line.startswith("1,loss,") for line in history) == 1
+    assert sum(line.startswith("1,val_R1,") for line in history) == 1
+
+
+def test_resume_under_two_processes_matches_the_uninterrupted_run(runs: Path) -> None:
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_file(str(runs / "straight" / name)), load_file(str(runs / "resumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    results = [torch.load(runs / f"result_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    assert results[0] == results[1]  # every rank returns rank 0's result
+    straight = json.loads((runs / "straight" / "metrics.json").read_text())
+    assert straight["t2i"]["R1"] == pytest.approx(results[0]["t2i"]["R1"])
+
+
+def test_environment_and_global_batch_checks(tmp_path: Path) -> None:
+    assert DistributedEnv.from_environment({}) == DistributedEnv()
+    env = DistributedEnv.from_environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert (env.rank, env.local_rank, env.world_size, env.enabled, env.is_main) == (3, 1, 4, True, False)
+    with pytest.raises(ValueError, match="RANK"):
+        DistributedEnv.from_environment({"WORLD_SIZE": "2", "RANK": "2"})
+    assert resolve_distributed_device("cpu", env) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_distributed_device("auto", env) == torch.device("cpu")
+    else:
+        assert resolve_distributed_device("auto", env) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        resolve_distributed_device("cuda:0", env)
+    config = load_config(None, tiny_overrides(tmp_path, tmp_path) + ["train.batch_size=6"])
+    with pytest.raises(ValueError, match="train.batch_size"):
+        Trainer(config, tmp_path / "run", distributed=DistributedEnv(rank=0, local_rank=0, world_size=4))
+
+
+def test_torchrun_cli_reports_once(tmp_path: Path) -> None:
+    data_root = write_cuhk_fixture(tmp_path / "data", {"train": 4, "test": 2})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+               "-m", "upperson", "train", "--run-dir", str(tmp_path / "run")]
+    for item in tiny_overrides(data_root, tmp_path, epochs=1):
+        command += ["--set", item]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory:") == 1 and done.stdout.count("test metrics") == 1
+    assert done.stderr.count("epoch 1 done") == 1  # only rank 0 logs at INFO
+    assert (tmp_path / "run" / "metrics.json").is_file()
