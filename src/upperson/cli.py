@@ -19,6 +19,7 @@ from upperson.data import check_dataset, load_dataset
 from upperson.data.records import MissingSplitError
 from upperson.evaluation.evaluate import evaluate_split
 from upperson.methods import METHODS, RetrievalModel, build_model
+from upperson.search import FAISS_THRESHOLD, GalleryIndex, SearchHit, build_trained_model, model_from_index
 from upperson.training.distributed import DistributedEnv
 from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
 from upperson.official import (
@@ -30,6 +31,8 @@ from upperson.official import (
 )
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_INDEX_DIR = ".upperson-index"
+"""``upperson index`` writes here inside the image folder unless --out is given (hidden: never scanned)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,6 +124,34 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--num-classes", type=int, help="training identities for the ID classifier (default: read the dataset)")
     profile.add_argument("--steps", type=int, default=5, help="timed inference batches per encoder (median)")
     profile.add_argument("--json", type=Path, help="also write the results as JSON here")
+
+    index = commands.add_parser(
+        "index",
+        help="encode your own image folder with a trained adapter (incremental; for `upperson search`)",
+        description="Recursively encode the images (jpg, jpeg, png, bmp, webp) under --images with the run's adapter "
+        "(LoRA merged, test transforms) and write features.safetensors + index.json to --out. Re-running updates "
+        "the index: unchanged files keep their features; an index of another adapter or config is rebuilt.",
+    )
+    index.add_argument("--config", type=Path, required=True, help="the run's config (RUN_DIR/config.yaml)")
+    index.add_argument("--adapter", type=Path, required=True, help="adapter file (RUN_DIR/best.safetensors)")
+    index.add_argument("--images", type=Path, required=True, help="image folder, searched recursively (hidden entries ignored)")
+    index.add_argument("--out", type=Path, help="index directory (default: IMAGES/.upperson-index)")
+    index.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.precision=fp32")
+    index.add_argument("--batch-size", type=int, help="images per encoder call (default: eval.batch_size)")
+    index.add_argument("--device", help="cpu, cuda, cuda:1 (default: the config's device)")
+
+    search = commands.add_parser("search", help="rank an indexed gallery for text queries (table, JSON, figure)")
+    search.add_argument("index", type=Path, metavar="INDEX_DIR", help="directory written by `upperson index`")
+    search.add_argument("queries", nargs="+", metavar="QUERY", help="text descriptions of the person")
+    search.add_argument("--top-k", type=int, default=10, help="hits per query")
+    search.add_argument("--json", type=Path, help="write the hits as JSON here")
+    search.add_argument("--figure", type=Path, help="write a PNG of each query's top-k images here")
+    search.add_argument("--adapter", type=Path, help="the adapter file, if it moved since indexing (must be the same file)")
+    search.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    search.add_argument(
+        "--faiss-threshold", type=int, default=FAISS_THRESHOLD,
+        help="use FAISS (exact, if installed) for galleries larger than this (default: %(default)s)",
+    )
 
     demo = commands.add_parser("demo", help="generate synthetic pedestrians, train UP-Person on a tiny CLIP, evaluate, draw results")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
@@ -329,6 +360,70 @@ def _profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _index(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        overrides.append(f"eval.batch_size={args.batch_size}")
+    config = load_config(args.config, overrides)
+    device = resolve_device(config.device)
+    model = build_trained_model(config.method, config.backbone, config.data.image_size, config.method_config(), args.adapter)
+    out = args.out or args.images / DEFAULT_INDEX_DIR
+    gallery = GalleryIndex.build(
+        model.to(device),
+        args.images,
+        out,
+        adapter=args.adapter,
+        config_path=args.config,
+        image_size=config.data.image_size,
+        device=device,
+        precision=config.train.precision,
+        batch_size=config.eval.batch_size,
+        num_workers=config.data.num_workers,
+        progress=_progress,
+    )
+    print(f"indexed {len(gallery)} images of {gallery.image_dir} ({len(gallery.skipped)} unreadable, skipped) into {out}")
+    return EXIT_OK
+
+
+def _search(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    gallery = GalleryIndex.load(args.index)
+    device = resolve_device(args.device)
+    model = model_from_index(gallery, adapter=args.adapter).to(device)
+    precision = gallery.metadata["precision"] if device.type != "cpu" else "fp32"
+    hits = gallery.search(model, args.queries, args.top_k, device=device, precision=precision, faiss_threshold=args.faiss_threshold)
+    for query, ranked in zip(args.queries, hits, strict=True):
+        print(f"query: {query}")
+        print(format_hits_table(ranked, gallery.image_dir))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = [
+            {"query": query, "hits": [{"rank": rank, "score": hit.score, "path": str(hit.path)} for rank, hit in enumerate(ranked, 1)]}
+            for query, ranked in zip(args.queries, hits, strict=True)
+        ]
+        args.json.write_text(json.dumps(payload, indent=2))
+    if args.figure:
+        from upperson.visualize import save_retrieval_figure  # drawing is only needed here
+
+        save_retrieval_figure(args.figure, list(args.queries), [[hit.path for hit in ranked] for ranked in hits], top_k=args.top_k)
+        print(f"figure: {args.figure}")
+    return EXIT_OK
+
+
+def format_hits_table(hits: Sequence[SearchHit], root: Path) -> str:
+    """rank | score | path (relative to the gallery root)."""
+    lines = [f"{'rank':>4}  {'score':>7}  path"]
+    for rank, hit in enumerate(hits, 1):
+        path = hit.path.relative_to(root) if hit.path.is_relative_to(root) else hit.path
+        lines.append(f"{rank:>4}  {hit.score:>7.4f}  {path}")
+    return "\n".join(lines)
+
+
 def format_metrics_table(metrics: dict[str, dict[str, float]], label: str = "task") -> str:
     """The papers' table: task | R1 | R5 | R10 | mAP | mINP | rSum."""
     columns = ("R1", "R5", "R10", "mAP", "mINP", "rSum")
@@ -349,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {
         "info": _info, "convert": _convert, "train": _train, "eval": _eval, "data": _data, "demo": _demo,
-        "ablate": _ablate, "cross-domain": _cross_domain, "profile": _profile,
+        "ablate": _ablate, "cross-domain": _cross_domain, "profile": _profile, "index": _index, "search": _search,
     }
     try:
         return handlers[args.command](args)

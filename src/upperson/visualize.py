@@ -1,5 +1,6 @@
 """Retrieval figures: each text query next to its top-ranked gallery images, framed green when the
-image shows the queried person and red otherwise (as in Fig. 7 of the UP-Person paper)."""
+image shows the queried person and red otherwise (as in Fig. 7 of the UP-Person paper), or grey
+when there is no ground truth (searching one's own gallery)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from upperson._io import atomic_path
 
 MATCH_COLOUR = (0, 170, 60)
 MISMATCH_COLOUR = (220, 30, 30)
+NEUTRAL_COLOUR = (150, 150, 150)
+"""Frame of every image when no ground truth is given (``is_match=None``)."""
 _TEXT_COLOUR = (20, 20, 20)
 _BACKGROUND = (255, 255, 255)
 _ELLIPSIS = "..."
@@ -96,7 +99,7 @@ def _thumbnail(path: str | os.PathLike[str], image_size: tuple[int, int]) -> Ima
         return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
 
 
-def _check_inputs(queries: Sequence[str], ranked: Sequence[Sequence[object]], is_match: Sequence[Sequence[bool]]) -> None:
+def _check_inputs(queries: Sequence[str], ranked: Sequence[Sequence[object]], is_match: Sequence[Sequence[bool | None]]) -> None:
     if not queries:
         raise ValueError("save_retrieval_figure: no queries to draw")
     if not len(queries) == len(ranked) == len(is_match):
@@ -113,7 +116,7 @@ def save_retrieval_figure(
     path: str | os.PathLike[str],
     queries: list[str],
     ranked_image_paths: list[list[Path]],
-    is_match: list[list[bool]],
+    is_match: list[list[bool]] | None = None,
     top_k: int = 10,
     gallery_image_size: tuple[int, int] = (128, 48),
     layout: FigureLayout = FigureLayout(),
@@ -124,7 +127,8 @@ def save_retrieval_figure(
         path: Output PNG; written atomically.
         queries: Query captions, one row each.
         ranked_image_paths: Per query, gallery image paths best first.
-        is_match: Per query, whether each ranked image shows the queried person (green frame) or not (red).
+        is_match: Per query, whether each ranked image shows the queried person (green frame) or not (red);
+            ``None`` when there is no ground truth: every frame is grey.
         top_k: Images shown per query; rows with fewer leave the rest blank.
         gallery_image_size: (height, width) each gallery image is resized to.
         layout: Pixel geometry of the figure.
@@ -132,7 +136,8 @@ def save_retrieval_figure(
     Returns:
         The path written.
     """
-    _check_inputs(queries, ranked_image_paths, is_match)
+    flags = is_match if is_match is not None else [[None] * len(paths) for paths in ranked_image_paths]
+    _check_inputs(queries, ranked_image_paths, flags)
     canvas = Image.new("RGB", layout.size(len(queries), top_k, gallery_image_size), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     font = _font(layout.font_size)
@@ -143,14 +148,14 @@ def save_retrieval_figure(
         left, _ = layout.cell_origin(0, column, gallery_image_size)
         label = str(column + 1)
         draw.text((left + (cell_width - font.getlength(label)) / 2, layout.margin), label, fill=_TEXT_COLOUR, font=font)
-    for row, (query, paths, matches) in enumerate(zip(queries, ranked_image_paths, is_match, strict=True)):
+    for row, (query, paths, matches) in enumerate(zip(queries, ranked_image_paths, flags, strict=True)):
         top = layout.row_top(row, gallery_image_size)
         lines = _wrap(query, font, layout.text_width, max(1, cell_height // line_height))
         for number, line in enumerate(lines):
             draw.text((layout.margin, top + number * line_height), line, fill=_TEXT_COLOUR, font=font)
         for column, (image_path, match) in enumerate(zip(paths[:top_k], matches[:top_k], strict=True)):
             left, cell_top = layout.cell_origin(row, column, gallery_image_size)
-            colour = MATCH_COLOUR if match else MISMATCH_COLOUR
+            colour = NEUTRAL_COLOUR if match is None else MATCH_COLOUR if match else MISMATCH_COLOUR
             draw.rectangle((left, cell_top, left + cell_width - 1, cell_top + cell_height - 1), fill=colour)
             canvas.paste(_thumbnail(image_path, gallery_image_size), (left + layout.frame, cell_top + layout.frame))
     target = Path(path)
