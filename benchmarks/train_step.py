@@ -2,7 +2,8 @@
 
 Part 1, one training step (encode_image + encode_text, SDM loss, backward) for three paths:
 
-    (a) fused attention (``attention_backend="sdpa"``) under bf16 autocast;
+    (a) fused attention (``attention_backend="sdpa"``) under bf16 autocast, with the frozen matmul
+        weights stored in bf16 as the Trainer does (bit-identical outputs, no per-step casts);
     (b) fused attention in fp32;
     (c) the naive reference (``attention_backend="explicit"``) in fp32: it materialises the attention
         matrix and the LoRA-updated in-projection weight, as the official code does.
@@ -143,6 +144,15 @@ def build_up_person(args: argparse.Namespace, backend: str = "sdpa", **options: 
     return model.to(args.device)
 
 
+def build_path_model(args: argparse.Namespace, path: TrainPath) -> upperson.RetrievalModel:
+    """The model a path trains: under bf16 the frozen matmul weights are stored in bf16, exactly as
+    ``upperson train`` does (autocast would cast them at every use; outputs are bit-identical)."""
+    model = build_up_person(args, path.backend)
+    if path.bf16:
+        model.store_frozen_matmul_weights(torch.bfloat16)
+    return model
+
+
 @dataclass
 class Batch:
     images: torch.Tensor
@@ -249,7 +259,7 @@ def saved_activation_bytes(model: torch.nn.Module) -> Iterator[dict[int, int]]:
 def memory_worker(args: argparse.Namespace) -> None:
     """Subprocess entry: measure the first training step of one path and print it as JSON."""
     path = PATHS[args.memory_worker]
-    model = build_up_person(args, path.backend)
+    model = build_path_model(args, path)
     batch = make_batch(args)
     with PeakMemory(args.device) as memory, saved_activation_bytes(model) as saved:
         seconds = train_step(model, batch, path, args.device)
@@ -304,10 +314,9 @@ def round_robin(
 
 
 def time_training(args: argparse.Namespace, keys: list[str]) -> dict[str, list[float]]:
-    """Seconds per step for each path; (a) and (b) share one model (autocast is the only difference)."""
-    models = {backend: build_up_person(args, backend) for backend in {PATHS[key].backend for key in keys}}
+    """Seconds per step for each path, each on its own model built as that path trains."""
     batch = make_batch(args)
-    jobs = {key: _step_job(models[PATHS[key].backend], batch, PATHS[key], args.device) for key in keys}
+    jobs = {key: _step_job(build_path_model(args, PATHS[key]), batch, PATHS[key], args.device) for key in keys}
     return round_robin(jobs, args.warmup, args.steps, "train")
 
 

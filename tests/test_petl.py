@@ -153,3 +153,28 @@ def test_vanilla_prefix_freezes_lambda() -> None:
 def test_unknown_option_is_rejected_with_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="prefix_length"):
         make_model(prefix_lenght=4)
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [("up-person", {"prefix_length": 3, "lora_rank": 4}), ("up-person", {"adapter_placement": "parallel-mha+parallel-mlp"}),
+     ("cskt", {"prompt_length": 2})],
+)
+def test_frozen_weights_stored_in_bf16_change_no_bit_under_autocast(method: str, options: dict) -> None:
+    """What the Trainer does under bf16: identical features and gradients, fewer fp32 weights."""
+    reference = upperson.create_model(method, backbone="tiny", image_size=(64, 32), **options)
+    stored = upperson.create_model(method, backbone="tiny", image_size=(64, 32), **options)
+    stored.load_state_dict(reference.state_dict())
+    assert stored.store_frozen_matmul_weights(torch.bfloat16) > 0
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
+    assert stored.clip.visual.transformer.resblocks[-1].mlp.c_fc.weight.dtype == torch.bfloat16
+    images, ids, pids = sample_batch(image_size=(64, 32))
+    outputs = []
+    for model in (reference, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = model(images, ids)
+        upperson.losses.sdm_loss(*features, pids).backward()
+        outputs.append((features, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}))
+    (ref_features, ref_grads), (features, grads) = outputs
+    assert all(torch.equal(a, b) for a, b in zip(ref_features, features))
+    assert ref_grads.keys() == grads.keys() and all(torch.equal(ref_grads[k], grads[k]) for k in grads)

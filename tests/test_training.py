@@ -129,3 +129,11 @@ def test_zero_shot_evaluates_without_an_adapter_and_refuses_to_train(
     up_person = Path(__file__).resolve().parents[1] / "configs" / "up-person" / "cuhk-pedes.yaml"
     assert main(["eval", "--config", str(up_person), *base, "--set", "model.prefix_length=2"]) == 1
     assert "--adapter is required" in capsys.readouterr().err
+
+
+def test_bf16_training_stores_frozen_weights_in_bf16_and_runs(fixture_root: Path, tmp_path: Path) -> None:
+    overrides = [item for item in tiny_overrides(fixture_root, tmp_path, epochs=1) if not item.startswith("train.precision")]
+    config = load_config(None, [*overrides, "train.precision=bf16", "run_name=bf16"])
+    result = Trainer(config, tmp_path / "bf16").fit()
+    assert result is not None and result.best_adapter.is_file()
+    assert all(value == value for value in result.test_metrics["t2i"].values())  # no NaN

@@ -150,6 +150,30 @@ class RetrievalModel(nn.Module):
         """Recompute the backbone SHA-256 after its weights were replaced (e.g. by an official import)."""
         self.backbone_sha256 = state_dict_sha256(self.backbone_state_dict())
 
+    def store_frozen_matmul_weights(self, dtype: torch.dtype) -> int:
+        """Keep frozen Linear/Conv2d weights in ``dtype`` (bf16/fp16) for autocast training.
+
+        Autocast casts these weights (and biases) to its dtype at every use, so storing them that way
+        changes no output bit; it removes the per-step casts of the whole backbone and halves its
+        memory. LayerNorms, embeddings, projections stored as parameters, the attention
+        in-projection (LoRA adds its fp32 update to it) and everything inside PETL modules stay as
+        they are. The model then needs autocast (or ``dtype`` inputs) to run. Returns how many
+        modules were converted.
+        """
+        keep = {id(module) for outer in self.petl_modules() for module in outer.modules()}
+        # open_clip takes the text stream's dtype from the first block's c_fc weight
+        # (Transformer.get_cast_dtype): that one weight stays as it is, so the stream stays fp32.
+        keep |= {id(tower.resblocks[0].mlp.c_fc) for tower in (self.clip.transformer, self.clip.visual.transformer)}
+        converted = 0
+        for module in self.clip.modules():
+            if id(module) in keep or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            if any(parameter.requires_grad for parameter in module.parameters(recurse=False)):
+                continue
+            module.to(dtype)
+            converted += 1
+        return converted
+
     def merge_lora(self) -> None:
         """Fold LoRA into the frozen in-projections for inference."""
         for module in self.modules():

@@ -120,10 +120,21 @@ class LossStep(nn.Module):
         return _loss_terms(self.model, self.objective, images, caption_ids, pids, precision, mlm_ids, mlm_labels)
 
 
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def build_training(
-    config: RunConfig, num_train_ids: int, device: torch.device, distributed: DistributedEnv | None = None
+    config: RunConfig,
+    num_train_ids: int,
+    device: torch.device,
+    distributed: DistributedEnv | None = None,
+    low_precision_frozen: bool = False,
 ) -> TrainingParts:
     """The model, loss head, optimizer, scheduler and grad scaler of a run (call after seeding).
+
+    ``low_precision_frozen``: under bf16/fp16 autocast, store the frozen matmul weights in that dtype
+    (:meth:`RetrievalModel.store_frozen_matmul_weights`: same outputs, faster steps, less memory);
+    the Trainer sets it, callers that run the model outside autocast must not.
 
     With a multi-process ``distributed`` (process group initialised) the model and loss heads are
     also wrapped in DistributedDataParallel (``parts.wrapped``), which :func:`loss_terms` then
@@ -133,6 +144,8 @@ def build_training(
         config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config()
     ).to(device)
     model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
+    if low_precision_frozen and config.train.precision in LOW_PRECISION:
+        model.store_frozen_matmul_weights(LOW_PRECISION[config.train.precision])
     objective = TrainingObjective(
         config.train.losses,
         model.backbone_spec.embed_dim,
@@ -281,7 +294,7 @@ class Trainer:
                 save_config(config, self.run_dir / CONFIG_FILE)
             seed_everything(config.train.seed)
             dataset = self._load_validated_dataset()
-            parts = build_training(config, dataset.num_train_ids, self.device, self.distributed)
+            parts = build_training(config, dataset.num_train_ids, self.device, self.distributed, low_precision_frozen=True)
             if not parts.model.trainable_state_dict():
                 raise ValueError(f"method {config.method!r} has nothing to train; evaluate it with `upperson eval --config ...`")
             counts = parts.parameter_counts()
