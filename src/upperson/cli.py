@@ -17,7 +17,7 @@ from upperson.backbone import BackboneLoadError, backbone_from_state_dict, load_
 from upperson.config import load_config
 from upperson.data import check_dataset, load_dataset
 from upperson.data.records import MissingSplitError
-from upperson.evaluation.evaluate import evaluate_split
+from upperson.evaluation.evaluate import evaluate_with_config
 from upperson.methods import METHODS, RetrievalModel, build_model
 from upperson.search import FAISS_THRESHOLD, GalleryIndex, SearchHit, build_trained_model, model_from_index
 from upperson.training.distributed import DistributedEnv
@@ -267,17 +267,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--adapter is required for method {config.method!r} (only zero-shot evaluates without one)")
     model.merge_lora()
     dataset = load_dataset(config.data.dataset, config.data.root)
-    metrics = evaluate_split(
-        model.to(device),
-        dataset.split(args.split),
-        device,
-        config.data.image_size,
-        precision=config.train.precision,
-        batch_size=config.eval.batch_size,
-        num_workers=config.data.num_workers,
-        chunk_size=config.eval.chunk_size,
-        i2t=args.i2t or config.eval.i2t,
-        progress=_progress,
+    metrics = evaluate_with_config(
+        model.to(device), dataset.split(args.split), config, device, i2t=args.i2t or config.eval.i2t, progress=_progress
     )
     print(f"{config.data.dataset} {args.split} with {args.adapter or 'the frozen backbone (zero-shot)'}:")
     print(format_metrics_table(metrics))

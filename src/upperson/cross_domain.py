@@ -20,7 +20,7 @@ from upperson.config import RunConfig, load_config
 from upperson.data import load_dataset
 from upperson.data.readers import get_reader
 from upperson.data.records import RetrievalDataset
-from upperson.evaluation.evaluate import Progress, evaluate_split
+from upperson.evaluation.evaluate import Progress, evaluate_with_config
 from upperson.methods import RetrievalModel
 from upperson.training.checkpoint import BEST_ADAPTER
 from upperson.training.loop import CONFIG_FILE, resolve_device
@@ -132,17 +132,7 @@ def evaluate_cross_domain(
         result.metrics[run.label] = {}
         for target in targets:
             logger.info("%s (trained on %s) → %s %s", run.label, run.source, target.name, split)
-            metrics = evaluate_split(
-                model,
-                datasets[target.name].split(split),
-                device,
-                config.data.image_size,
-                precision=config.train.precision,
-                batch_size=config.eval.batch_size,
-                num_workers=config.data.num_workers,
-                chunk_size=config.eval.chunk_size,
-                progress=progress,
-            )["t2i"]
+            metrics = evaluate_with_config(model, datasets[target.name].split(split), config, device, progress=progress)["t2i"]
             result.metrics[run.label][target.name] = metrics
     return result
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from upperson.config import RunConfig
 from upperson.data.datasets import ImageDataset, TextDataset, collate_skip_none
 from upperson.data.records import EvalSplit
 from upperson.data.transforms import build_transforms
@@ -124,3 +125,26 @@ def evaluate_split(
     if i2t:
         results["i2t"] = retrieval_metrics(similarity.t(), image_pids, text_pids, chunk_size=chunk_size)
     return results
+
+
+def evaluate_with_config(
+    model: RetrievalModel,
+    split: EvalSplit,
+    config: RunConfig,
+    device: torch.device,
+    i2t: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, float]]:
+    """:func:`evaluate_split` with the sizes, precision and loader settings of a run config."""
+    return evaluate_split(
+        model,
+        split,
+        device,
+        config.data.image_size,
+        precision=config.train.precision,
+        batch_size=config.eval.batch_size,
+        num_workers=config.data.num_workers,
+        chunk_size=config.eval.chunk_size,
+        i2t=i2t,
+        progress=progress,
+    )

@@ -27,7 +27,7 @@ from upperson.data.datasets import ImageTextDataset, collate_skip_none
 from upperson.data.records import RetrievalDataset
 from upperson.data.samplers import build_train_sampler
 from upperson.data.transforms import build_transforms
-from upperson.evaluation.evaluate import Progress, _SilentProgress, autocast, evaluate_split
+from upperson.evaluation.evaluate import Progress, _SilentProgress, autocast, evaluate_with_config
 from upperson.methods import RetrievalModel, create_model
 from upperson.training.checkpoint import (
     BEST_ADAPTER,
@@ -471,19 +471,7 @@ class Trainer:
             upperson.save_adapter(model, self.run_dir / BEST_ADAPTER)
 
     def _evaluate(self, model: RetrievalModel, dataset: RetrievalDataset, split: str, i2t: bool = False) -> dict[str, dict[str, float]]:
-        config = self.config
-        return evaluate_split(
-            model,
-            dataset.split(split),
-            self.device,
-            config.data.image_size,
-            precision=config.train.precision,
-            batch_size=config.eval.batch_size,
-            num_workers=config.data.num_workers,
-            chunk_size=config.eval.chunk_size,
-            i2t=i2t,
-            progress=self.progress,
-        )
+        return evaluate_with_config(model, dataset.split(split), self.config, self.device, i2t=i2t, progress=self.progress)
 
     def _final_report(
         self, model: RetrievalModel, dataset: RetrievalDataset, selection: str | None, state: TrainingState, parameters: dict[str, int]
