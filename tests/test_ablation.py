@@ -10,7 +10,7 @@ import yaml
 from test_training import tiny_overrides, write_cuhk_fixture
 
 import upperson
-from upperson.ablation import AblationRow, format_ablation_table, format_count, read_variants, run_ablation
+from upperson.experiments.ablate import AblationRow, format_ablation_table, format_count, read_variants, run_ablation
 from upperson.cli import main
 from upperson.config import ConfigError, load_config, save_config
 from upperson.training.loop import Trainer

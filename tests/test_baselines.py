@@ -58,7 +58,7 @@ def test_every_method_has_a_config_per_dataset(method: str, dataset: str) -> Non
 @pytest.mark.parametrize("variants_file", sorted((CONFIGS / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_paper_ablation_file_resolves_on_the_paper_config(variants_file: Path, tmp_path: Path) -> None:
     """Each variant of each table's file builds a valid config (and method config) on the CUHK-PEDES setting."""
-    from upperson.ablation import read_variants, variant_config
+    from upperson.experiments.ablate import read_variants, variant_config
 
     for variant in read_variants(variants_file):
         config = variant_config(CONFIGS / "up-person" / "cuhk-pedes.yaml", [], variant, tmp_path)
@@ -66,7 +66,7 @@ def test_every_paper_ablation_file_resolves_on_the_paper_config(variants_file: P
 
 
 def test_demo_config_file_matches_the_demo() -> None:
-    from upperson.demo import demo_config
+    from upperson.experiments.demo import demo_config
 
     file = load_config(CONFIGS / "demo" / "synthetic.yaml")
     demo = demo_config(Path(file.data.root), Path("runs") / "demo", 14, backbone=file.backbone)

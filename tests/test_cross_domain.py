@@ -14,7 +14,7 @@ from test_training import tiny_overrides, write_cuhk_fixture
 import upperson
 from upperson.cli import main
 from upperson.config import load_config, save_config
-from upperson.cross_domain import CrossDomainResult, Target, TrainedRun, format_cross_domain
+from upperson.experiments.cross_domain import CrossDomainResult, Target, TrainedRun, format_cross_domain
 from upperson.data import load_dataset
 from upperson.evaluation.evaluate import evaluate_split
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from upperson.demo import run_demo
+from upperson.experiments.demo import run_demo
 
 
 @pytest.mark.slow

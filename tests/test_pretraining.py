@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import upperson
-from upperson import pretraining
+from upperson.experiments import pretraining
 from upperson.backbone import load_backbone
 from upperson.data import load_dataset
 from upperson.data.datasets import ImageTextDataset, collate_skip_none
 from upperson.data.transforms import build_transforms
 from upperson.losses import itc_loss
-from upperson.pretraining import PretrainingSettings, pretrained_tiny_clip
+from upperson.experiments.pretraining import PretrainingSettings, pretrained_tiny_clip
 
 SETTINGS = PretrainingSettings(corpus_ids=8, image_size=(64, 32), epochs=6, batch_size=16, lr=1e-3)
 

@@ -10,7 +10,7 @@ import torch
 
 import upperson
 from upperson.cli import main
-from upperson.profiling import PeakMemory, count_flops
+from upperson.experiments.profile import PeakMemory, count_flops
 
 TINY = ["backbone=tiny", "data.image_size=[64,32]", "train.precision=fp32", "device=cpu", "model.prefix_length=2", "model.lora_rank=2"]
 NO_PETL = ["model.prefix=false", "model.lora=false", "model.adapter=false"]

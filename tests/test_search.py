@@ -18,7 +18,7 @@ from conftest import SMALL_IMAGE, randomise_petl
 from upperson.cli import main
 from upperson.config import DataConfig, EvalConfig, RunConfig, TrainConfig, save_config
 from upperson.data.transforms import build_transforms
-from upperson.search import FEATURES_FILE, INDEX_FILE, GalleryIndex, SearchHit, model_from_index
+from upperson.retrieval.gallery import FEATURES_FILE, INDEX_FILE, GalleryIndex, SearchHit, model_from_index
 from upperson.visualize import NEUTRAL_COLOUR, FigureLayout
 
 OPTIONS = {"prefix_length": 2, "lora_rank": 2}
@@ -169,7 +169,7 @@ def test_other_adapter_rebuilds_from_scratch(tmp_path: Path, run: tuple[Path, Pa
     _, other_adapter = _save_run(tmp_path / "other", seed=2)
     model = _merged(other_adapter)
     calls = _count_encoded(model)
-    with caplog.at_level(logging.INFO, logger="upperson.search"):
+    with caplog.at_level(logging.INFO, logger="upperson.retrieval.gallery"):
         index = _build(model, gallery, tmp_path / "index", other_adapter)
     assert sum(calls) == 11
     assert "rebuilding from scratch" in caplog.text
@@ -210,7 +210,7 @@ def test_cli_search_missing_adapter_fails_clearly(tmp_path: Path, run: tuple[Pat
 
 def test_faiss_ranking_equals_torch(tmp_path: Path, run: tuple[Path, Path], gallery: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("faiss")
-    from upperson import search
+    from upperson.retrieval import gallery as search
 
     _, adapter = run
     index = _build(_merged(adapter), gallery, tmp_path / "index", adapter)

@@ -1,6 +1,6 @@
 """upperson: parameter-efficient text-based person retrieval on a frozen CLIP backbone."""
 
-from upperson import losses, petl, search
+from upperson import losses, petl, retrieval
 from upperson.adapter_file import AdapterMismatchError, load_adapter, save_adapter
 from upperson.backbone import BackboneLoadError, load_backbone
 from upperson.methods import METHODS, CSKTConfig, RetrievalModel, UPPersonConfig, create_model
@@ -24,6 +24,6 @@ __all__ = [
     "losses",
     "official_config_from_state_dict",
     "save_adapter",
-    "search",
+    "retrieval",
     "tokenize",
 ]

@@ -19,7 +19,7 @@ from upperson.data import check_dataset, load_dataset
 from upperson.data.records import MissingSplitError
 from upperson.evaluation.evaluate import evaluate_with_config
 from upperson.methods import METHODS, RetrievalModel, build_model
-from upperson.search import FAISS_THRESHOLD, GalleryIndex, SearchHit, build_trained_model, model_from_index
+from upperson.retrieval.gallery import FAISS_THRESHOLD, GalleryIndex, SearchHit, build_trained_model, model_from_index
 from upperson.training.distributed import DistributedEnv
 from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
 from upperson.official import (
@@ -285,7 +285,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from upperson.demo import run_demo  # drawing and data generation are only needed here
+    from upperson.experiments.demo import run_demo  # drawing and data generation are only needed here
 
     result = run_demo(args.out, args.data_dir, epochs=args.epochs, progress=_progress)
     print("synthetic test split, text-to-image:")
@@ -298,7 +298,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from upperson.ablation import ABLATION_JSON, ABLATION_MARKDOWN, format_ablation_table, run_ablation
+    from upperson.experiments.ablate import ABLATION_JSON, ABLATION_MARKDOWN, format_ablation_table, run_ablation
 
     out = args.out or Path(load_config(args.base, args.set).output_dir) / args.variants.stem
     print(f"study directory: {out}")
@@ -309,7 +309,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _cross_domain(args: argparse.Namespace) -> int:
-    from upperson.cross_domain import Target, default_targets, evaluate_cross_domain, format_cross_domain, load_runs, write_cross_domain
+    from upperson.experiments.cross_domain import Target, default_targets, evaluate_cross_domain, format_cross_domain, load_runs, write_cross_domain
 
     runs = load_runs(args.runs, args.set, adapter_name=f"{args.adapter}.safetensors")
     targets = [Target.parse(text) for text in args.datasets] or default_targets(runs)
@@ -321,8 +321,8 @@ def _cross_domain(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from upperson.ablation import read_variants, variant_config
-    from upperson.profiling import format_profile_table, profile_config
+    from upperson.experiments.ablate import read_variants, variant_config
+    from upperson.experiments.profile import format_profile_table, profile_config
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -2,7 +2,7 @@
 
 Runs anywhere with no downloads: the synthetic data is written in the CUHK-PEDES on-disk format,
 so the real reader, trainer and evaluator are what run. The frozen backbone is a tiny CLIP
-pre-trained (cached) on a separate synthetic corpus by :mod:`upperson.pretraining`, loaded from its
+pre-trained (cached) on a separate synthetic corpus by :mod:`upperson.experiments.pretraining`, loaded from its
 checkpoint file like any user's CLIP; the demo reports chance, that backbone zero-shot, and UP-Person.
 """
 
@@ -18,7 +18,7 @@ from upperson.config import DataConfig, EvalConfig, OptimConfig, RunConfig, Trai
 from upperson.data import load_dataset
 from upperson.data.synthetic import generate_synthetic_cuhk
 from upperson.evaluation.evaluate import Progress, evaluate_split, extract_features
-from upperson.pretraining import pretrained_tiny_clip
+from upperson.experiments.pretraining import pretrained_tiny_clip
 from upperson.training.loop import Trainer
 from upperson.visualize import save_retrieval_figure
 
