@@ -10,8 +10,6 @@ from open_clip.transformer import ResidualAttentionBlock, Transformer
 
 from upperson.petl import (
     AdaptedLayerNorm,
-    KVDoRA,
-    KVLoRA,
     PETLAttention,
     ScaledPrefix,
     SublayerAdaptedBlock,
@@ -19,6 +17,7 @@ from upperson.petl import (
 )
 from upperson.petl.adapter import AdapterConnection
 from upperson.petl.attention import AttentionBackend
+from upperson.petl.low_rank import LOW_RANK_UPDATES, build_low_rank_update
 
 AdapterPlacement = Literal[
     "parallel-ln",
@@ -38,7 +37,6 @@ AdapterPlacement = Literal[
 """Where the adapters of a block go; ``+`` joins the MHA-side and the MLP-side choice (see
 :attr:`UPPersonConfig.adapter_placement`)."""
 
-LoRAType = Literal["lora", "dora"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +64,9 @@ class UPPersonConfig:
     """LoRA rank r (paper: 32, 32, 16)."""
     depth_lora: int | None = None
     """Number of first blocks with LoRA; None = all."""
-    lora_type: LoRAType = "lora"
-    """``lora`` (UP-Person) or ``dora``: weight-decomposed LoRA on K and V (Table VI), same rank."""
+    lora_type: str = "lora"
+    """Low-rank update on K and V, a name of :data:`upperson.petl.low_rank.LOW_RANK_UPDATES`: ``lora``
+    (UP-Person) or ``dora`` (weight-decomposed LoRA, Table VI), same rank."""
     adapter: bool = True
     """Use the adapters of ``adapter_placement`` (default: L-Adapters parallel to both LayerNorms)."""
     adapter_placement: AdapterPlacement = "parallel-ln"
@@ -108,11 +107,12 @@ class UPPersonConfig:
                 raise ValueError(f"UPPersonConfig.{name} must be >= 0 or None, got {value}")
         for name, options in (
             ("attention_backend", AttentionBackend),
-            ("lora_type", LoRAType),
             ("adapter_placement", AdapterPlacement),
         ):
             if getattr(self, name) not in get_args(options):
                 raise ValueError(f"UPPersonConfig.{name} must be one of {get_args(options)}, got {getattr(self, name)!r}")
+        if self.lora_type not in LOW_RANK_UPDATES:
+            raise ValueError(f"UPPersonConfig.lora_type must be one of {sorted(LOW_RANK_UPDATES)}, got {self.lora_type!r}")
 
 
 def _blocks_with(depth: int | None, layers: int, from_end: bool = False) -> range:
@@ -161,7 +161,7 @@ def _inject_tower(tower: Transformer, config: UPPersonConfig) -> None:
         block: ResidualAttentionBlock
         width = block.attn.embed_dim
         device = block.attn.in_proj_weight.device
-        lora = _low_rank_update(block, config) if index in lora_blocks else None
+        lora = build_low_rank_update(config.lora_type, block.attn.in_proj_weight, config.lora_rank) if index in lora_blocks else None
         prefix = (
             ScaledPrefix(width, config.prefix_length, config.lambda_init, config.learn_lambda).to(device)
             if index in prefix_blocks
@@ -172,10 +172,6 @@ def _inject_tower(tower: Transformer, config: UPPersonConfig) -> None:
             tower.resblocks[index] = _add_adapters(block, config)
 
 
-def _low_rank_update(block: ResidualAttentionBlock, config: UPPersonConfig) -> KVLoRA | KVDoRA:
-    if config.lora_type == "dora":
-        return KVDoRA(block.attn.in_proj_weight, config.lora_rank)
-    return KVLoRA(block.attn.embed_dim, config.lora_rank).to(block.attn.in_proj_weight.device)
 
 
 def _add_adapters(block: ResidualAttentionBlock, config: UPPersonConfig) -> ResidualAttentionBlock | SublayerAdaptedBlock:

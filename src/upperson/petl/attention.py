@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upperson.petl.dora import KVDoRA
-from upperson.petl.lora import KVLoRA
+from upperson.petl.low_rank import KVUpdate
 from upperson.petl.prefix import ScaledPrefix
 
 AttentionBackend = Literal["sdpa", "explicit"]
@@ -31,7 +30,7 @@ class PETLAttention(nn.Module):
     def __init__(
         self,
         attention: nn.MultiheadAttention,
-        lora: KVLoRA | KVDoRA | None = None,
+        lora: KVUpdate | None = None,
         prefix: ScaledPrefix | None = None,
         backend: AttentionBackend = "sdpa",
     ) -> None:
