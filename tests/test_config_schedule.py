@@ -50,17 +50,17 @@ def test_optimizer_groups_follow_the_official_rules() -> None:
 @pytest.mark.parametrize(("name", "prefix", "rank", "lr"), [("cuhk-pedes", 10, 32, 1e-3), ("icfg-pedes", 14, 32, 1e-3), ("rstpreid", 2, 16, 1e-4)])
 def test_paper_configs_load(name: str, prefix: int, rank: int, lr: float) -> None:
     config = load_config(CONFIGS / f"{name}.yaml")
-    assert (config.model["prefix_length"], config.model["lora_rank"], config.optim.lr) == (prefix, rank, lr)
+    assert (config.model.prefix_length, config.model.lora_rank, config.optim.lr) == (prefix, rank, lr)
     assert (config.train.batch_size, config.train.epochs, config.data.image_size) == (128, 60, (384, 128))
     assert config.data.dataset == name and config.data.text_mask_prob == 0.15
 
 
 def test_overrides_are_typed_and_unknown_keys_rejected(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "cuhk-pedes.yaml", ["data.root=/data", "optim.lr=2e-4", "model.prefix_length=4", "backbone=x.pt"])
-    assert (config.data.root, config.optim.lr, config.model["prefix_length"], config.backbone) == ("/data", 2e-4, 4, "x.pt")
+    assert (config.data.root, config.optim.lr, config.model.prefix_length, config.backbone) == ("/data", 2e-4, 4, "x.pt")
     with pytest.raises(ConfigError, match="data.rooot"):
         load_config(None, ["data.rooot=/x"])
-    with pytest.raises(ConfigError, match="train.epochs must be int"):
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
         load_config(None, ["train.epochs=many"])
     with pytest.raises(ConfigError, match="prefx"):
         load_config(None, ["model.prefx=2"])

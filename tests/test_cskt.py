@@ -13,7 +13,8 @@ import reference_cskt
 import upperson
 from upperson.backbone import load_backbone
 from upperson.methods.cskt import shift_captions
-from upperson.official import cskt_config_from_state_dict, cskt_official_to_upperson_key, official_backbone_state_dict, official_method
+from upperson.methods.cskt import cskt_config_from_state_dict, cskt_official_to_upperson_key
+from upperson.methods.official import official_backbone_state_dict, official_method
 
 PROMPTS = 3  # C: 2C = 6 prompt tokens per encoder
 

@@ -9,7 +9,8 @@ from conftest import SMALL_IMAGE, make_model, sample_batch
 import reference
 import upperson
 from upperson.backbone import load_backbone
-from upperson.official import official_backbone_state_dict, official_to_upperson_key
+from upperson.methods.official import official_backbone_state_dict
+from upperson.methods.up_person import official_to_upperson_key
 
 PREFIX, RANK, REDUCTION = 3, 4, 8
 

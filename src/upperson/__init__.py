@@ -3,8 +3,9 @@
 from upperson import losses, petl, retrieval
 from upperson.adapter_file import AdapterMismatchError, load_adapter, save_adapter
 from upperson.backbone import BackboneLoadError, load_backbone
-from upperson.methods import METHODS, CSKTConfig, RetrievalModel, UPPersonConfig, create_model
-from upperson.official import import_official_state_dict, official_config_from_state_dict
+from upperson.methods import METHODS, CSKTConfig, MethodEntry, RetrievalModel, UPPersonConfig, create_model, register_method
+from upperson.methods.official import import_official_state_dict, official_method, read_official_config
+from upperson.methods.up_person import official_config_from_state_dict
 from upperson.tokenizer import MASK_TOKEN_ID, tokenize
 from upperson.version import __version__
 
@@ -14,6 +15,7 @@ __all__ = [
     "CSKTConfig",
     "MASK_TOKEN_ID",
     "METHODS",
+    "MethodEntry",
     "RetrievalModel",
     "UPPersonConfig",
     "__version__",
@@ -23,6 +25,9 @@ __all__ = [
     "load_backbone",
     "losses",
     "official_config_from_state_dict",
+    "official_method",
+    "read_official_config",
+    "register_method",
     "save_adapter",
     "retrieval",
     "tokenize",

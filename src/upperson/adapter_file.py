@@ -23,8 +23,6 @@ from upperson.version import __version__
 
 FORMAT_NAME = "upperson-adapter"
 FORMAT_VERSION = "1"
-NON_STRUCTURAL_FIELDS = {"lambda_init", "attention_backend"}
-"""Config fields that only affect initial values or the kernel used, never which tensors exist."""
 
 
 class AdapterMismatchError(ValueError):
@@ -114,13 +112,12 @@ def _check_compatible(model: RetrievalModel, metadata: dict[str, str], path: Pat
     model_config = dataclasses.asdict(model.config)
     defaults = {f.name: f.default for f in dataclasses.fields(model.config) if f.default is not dataclasses.MISSING}
     file_config = {**defaults, **json.loads(metadata["config"])}  # files from before a field existed
-    differing = sorted(key for key in set(file_config) | set(model_config) if file_config.get(key) != model_config.get(key))
-    if set(differing) - NON_STRUCTURAL_FIELDS:
-        details = ", ".join(
-            f"{key}: file {file_config.get(key)!r} vs model {model_config.get(key)!r}"
-            for key in differing
-            if key not in NON_STRUCTURAL_FIELDS
-        )
+    init_only = model.entry.init_only_fields  # the method declares what an adapter file need not match
+    differing = sorted(
+        key for key in set(file_config) | set(model_config) if file_config.get(key) != model_config.get(key) and key not in init_only
+    )
+    if differing:
+        details = ", ".join(f"{key}: file {file_config.get(key)!r} vs model {model_config.get(key)!r}" for key in differing)
         raise AdapterMismatchError(f"{path}: adapter config differs from the model's ({details}); build the model with the file's config")
     file_backbone = json.loads(metadata["backbone"])
     if file_backbone != model.backbone_spec.to_dict():

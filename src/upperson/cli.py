@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import upperson
 from upperson.backbone import BackboneLoadError, backbone_from_state_dict, load_backbone, read_checkpoint_state_dict
-from upperson.config import load_config
+from upperson.config import load_config, override_fields
 from upperson.data import check_dataset, load_dataset
 from upperson.data.records import MissingSplitError
 from upperson.evaluation.evaluate import evaluate_with_config
@@ -22,13 +22,7 @@ from upperson.methods import METHODS, RetrievalModel, build_model
 from upperson.retrieval.gallery import FAISS_THRESHOLD, GalleryIndex, SearchHit, build_trained_model, model_from_index
 from upperson.training.distributed import DistributedEnv
 from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
-from upperson.official import (
-    cskt_config_from_state_dict,
-    import_official_state_dict,
-    official_backbone_state_dict,
-    official_config_from_state_dict,
-    official_method,
-)
+from upperson.methods.official import import_official_state_dict, official_backbone_state_dict, official_method, read_official_config
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_INDEX_DIR = ".upperson-index"
@@ -45,14 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--method", default="up-person", choices=sorted(METHODS))
     info.add_argument("--backbone", default="tiny", help="'tiny', a CLIP checkpoint file, or '<open_clip name>[:<tag or file>]'")
     info.add_argument("--image-size", nargs=2, type=int, default=(384, 128), metavar=("HEIGHT", "WIDTH"))
-    info.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="method option, e.g. prefix_length=10")
+    info.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="method option, e.g. prefix_length=10 or model.prefix_length=10 (value syntax as train --set)")
 
     convert = commands.add_parser("convert", help="official UP-Person or CSKT checkpoint → upperson adapter file")
     convert.add_argument("checkpoint", type=Path, help="official .pth (the model's state_dict, optionally under 'model')")
     convert.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
     convert.add_argument("--backbone", help="CLIP the adapter will run on (default: the CLIP weights inside the checkpoint)")
     convert.add_argument("--image-size", nargs=2, type=int, default=(384, 128), metavar=("HEIGHT", "WIDTH"))
-    convert.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field read from the file")
+    convert.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a method option read from the file, e.g. lambda_init=100 (value syntax as train --set)")
     train = commands.add_parser("train", help="train a method on a dataset (progress bar, logs, checkpoints)")
     train.add_argument("--config", type=Path, help="YAML config (configs/up-person/*.yaml); defaults if omitted")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.root=/data or backbone=ViT-B-16.pt")
@@ -160,26 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
-    options: dict[str, object] = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
-        lowered = raw.lower()
-        if lowered in ("true", "false"):
-            options[name] = lowered == "true"
-        elif lowered in ("none", "null"):
-            options[name] = None
-        else:
-            try:
-                options[name] = int(raw)
-            except ValueError:
-                try:
-                    options[name] = float(raw)
-                except ValueError:
-                    options[name] = raw
-    return options
+def _method_overrides(pairs: Sequence[str]) -> list[str]:
+    """``info``/``convert`` take method options with or without the ``model.`` prefix of ``train --set``."""
+    return [pair if pair.startswith("model.") else f"model.{pair}" for pair in pairs]
 
 
 def format_parameter_report(model: RetrievalModel) -> str:
@@ -194,7 +171,8 @@ def format_parameter_report(model: RetrievalModel) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    model = upperson.create_model(args.method, backbone=args.backbone, image_size=tuple(args.image_size), **_parse_options(args.set))
+    config = load_config(None, [f"method={args.method}", *_method_overrides(args.set)])
+    model = upperson.create_model(config.method, backbone=args.backbone, image_size=tuple(args.image_size), config=config.model)
     spec = model.backbone_spec
     print(f"method    {model.method}  {model.config}")
     print(
@@ -209,8 +187,7 @@ def _info(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     state_dict = read_checkpoint_state_dict(args.checkpoint)
     method = official_method(state_dict)
-    read_config = cskt_config_from_state_dict if method == "cskt" else official_config_from_state_dict
-    config = read_config(state_dict, **_parse_options(args.set))
+    config = override_fields(read_official_config(state_dict, method), [pair.removeprefix("model.") for pair in args.set])
     image_size = tuple(args.image_size)
     if args.backbone:
         backbone = load_backbone(args.backbone, image_size)

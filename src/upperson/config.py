@@ -1,12 +1,23 @@
 """Typed run configuration: YAML files and ``--set key=value`` overrides, strictly checked.
 
 Unknown keys and values of the wrong type are errors naming the file and the key; the resolved
-configuration is stored in every run directory so a run can be reproduced from it alone.
+configuration is stored in every run directory so a run can be reproduced from it alone. The
+``model:`` section is the method's own config dataclass (from its registry entry), checked the same
+way at load time.
+
+Value syntax, the same in YAML files and in every command's ``--set KEY=VALUE`` (YAML 1.2 core
+scalars): ``true`` / ``false`` are booleans (``yes``, ``no``, ``on``, ``off`` are plain strings);
+``null`` or ``~`` is null; ``10``, ``-3`` are integers; ``0.5``, ``1e-4``, ``1e1``, ``.inf`` are
+floats; ``[a, b]`` is a list and ``{k: v}`` a mapping; quote a string to keep it a string
+(``run_name="007"``); anything else is a string. The field's type then decides: an integer is
+accepted where a float is expected, a list where a tuple is, nothing else is converted. A key
+written twice in one YAML mapping is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from upperson.losses import LOSS_NAMES
-from upperson.methods import METHODS, build_method_config
-from upperson.methods.baselines import inject_nothing
+from upperson.methods.registry import MethodOptionError, get_method
 
 
 class ConfigError(ValueError):
@@ -135,8 +145,9 @@ class RunConfig:
     """Method registry name."""
     backbone: str = "tiny"
     """'tiny', a CLIP checkpoint path, or '<open_clip name>:<tag or file>'."""
-    model: dict[str, Any] = field(default_factory=dict)
-    """Method options (e.g. prefix_length, lora_rank), checked against the method's config."""
+    model: Any = None
+    """The method's typed config (its registry entry's ``config_class``, e.g. ``UPPersonConfig``);
+    in YAML a mapping of its fields. ``None`` (or a dict of fields) is turned into that class."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -150,23 +161,28 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         try:
-            build_method_config(self.method, self.model)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"model: {error}") from error
+            entry = get_method(self.method)
+        except ValueError as error:
+            raise ConfigError(f"method: {error}") from error
+        if self.model is None or isinstance(self.model, dict):
+            self.model = _build(entry.config_class, self.model or {}, "config", prefix="model.")
+        elif not isinstance(self.model, entry.config_class):
+            raise ConfigError(f"model: method {self.method!r} expects a {entry.config_class.__name__}, got {type(self.model).__name__}")
         if self.train.batch_size % self.train.grad_accumulation:
             raise ConfigError("train.batch_size must be divisible by train.grad_accumulation")
-        if "mlm" in self.train.losses:
-            entry = METHODS[self.method]
-            if entry.encode_image is not None or entry.encode_text is not None:
-                raise ConfigError(
-                    f"train.losses: 'mlm' is not supported for method {self.method!r}: it encodes with its own token "
-                    "flow (the official CSKT mlm path is broken, spec A.13); remove 'mlm' from train.losses"
-                )
-            if entry.inject is inject_nothing and not entry.trains_backbone:
-                raise ConfigError(f"train.losses: 'mlm' needs a trainable method; {self.method!r} trains nothing")
+        unsupported = [name for name in self.train.losses if name not in entry.losses]
+        if not entry.trains and self.train.losses != TrainConfig.losses:
+            raise ConfigError(f"train.losses: method {self.method!r} trains nothing, so it takes no losses; remove train.losses")
+        if unsupported and entry.trains:
+            supported = ", ".join(name for name in LOSS_NAMES if name in entry.losses)
+            raise ConfigError(
+                f"train.losses: {unsupported} not supported by method {self.method!r} (it supports {supported}); "
+                "remove them from train.losses"
+            )
 
     def method_config(self) -> Any:
-        return build_method_config(self.method, self.model)
+        """The typed method config (the ``model:`` section)."""
+        return self.model
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -187,28 +203,107 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         origin = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = read_yaml(path) or {}
         except FileNotFoundError as error:
             raise ConfigError(f"config file {path} does not exist") from error
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML ({error})") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config sections")
     for override in overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r} must look like key=value (e.g. data.root=/data)")
-        _set_dotted(raw, key.strip().split("."), yaml.safe_load(text) if text.strip() else "")
-    return _build(RunConfig, raw, origin, prefix="")
+        keys, value = parse_override(override)
+        _set_dotted(raw, keys, value)
+    return build_run_config(raw, origin)
+
+
+def build_run_config(raw: dict[str, Any], origin: str = "config") -> RunConfig:
+    """A :class:`RunConfig` from plain values (as read from YAML), checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping of config sections")
+    method = _coerce(raw.get("method", RunConfig.method), str, origin, "method")
+    try:
+        entry = get_method(method)
+    except ValueError as error:
+        raise ConfigError(f"{origin}: method: {error}") from error
+    model = _build(entry.config_class, raw.get("model") or {}, origin, prefix="model.")
+    return _build(RunConfig, {**raw, "model": model}, origin, prefix="")
+
+
+def override_fields(config: Any, overrides: list[str] | tuple[str, ...], origin: str = "--set") -> Any:
+    """A copy of the dataclass ``config`` with ``FIELD=VALUE`` overrides, parsed and checked like ``--set``."""
+    values = dataclasses.asdict(config)
+    for override in overrides:
+        keys, value = parse_override(override)
+        if len(keys) != 1:
+            raise ConfigError(f"{origin}: {'.'.join(keys)}: expected a field of {type(config).__name__}, not a dotted key")
+        values[keys[0]] = value
+    return _build(type(config), values, origin, prefix="")
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML with the core scalars of YAML 1.2 (see the module docstring) and duplicate keys rejected."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice (line {key_node.start_mark.line + 1}); keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_ConfigLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file read with the config value syntax; errors name the file (FileNotFoundError passes through)."""
+    text = Path(path).read_text()
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML ({error})") from error
+
+
+def parse_value(text: str) -> Any:
+    """One ``--set`` value, read with the config value syntax (an empty value is the empty string)."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot read the value {text!r} ({str(error).splitlines()[0]}); quote it if it is a string") from error
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """``KEY=VALUE`` (``KEY`` dotted, e.g. ``model.lora_rank=16``) → ``(["model", "lora_rank"], 16)``."""
+    key, sep, text = override.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not key.strip() or not all(keys):
+        raise ConfigError(f"override {override!r} must look like key=value (e.g. data.root=/data or model.lora_rank=16)")
+    return keys, parse_value(text)
+
+
 def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         child = tree.setdefault(key, {})
+        if child is None:
+            child = tree[key] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"cannot set {'.'.join(keys)}: {key} is not a section")
         tree = child
@@ -232,6 +327,8 @@ def _build(cls: type, raw: dict[str, Any], origin: str, prefix: str) -> Any:
             values[name] = _coerce(value, hint, origin, prefix + name)
     try:
         return cls(**values)
+    except MethodOptionError as error:
+        raise ConfigError(f"{origin}: {prefix}{error.field} {error.problem}") from error
     except ConfigError as error:
         raise ConfigError(f"{origin}: {error}") from error
 
@@ -274,11 +371,6 @@ def _coerce(value: Any, hint: Any, origin: str, key: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
-        except ValueError:
-            raise fail() from None
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. a run name written as a number in YAML
     if hint is int and isinstance(value, bool):
@@ -291,4 +383,10 @@ def _coerce(value: Any, hint: Any, origin: str, key: str) -> Any:
 def _describe(hint: Any) -> str:
     if get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join("null" if option is type(None) else _describe(option) for option in get_args(hint))
+    if hint is bool:
+        return "a boolean (true or false)"
+    if hint in (int, float, str):
+        return {int: "an integer", float: "a number", str: "a string"}[hint]
     return getattr(hint, "__name__", str(hint))

@@ -34,7 +34,7 @@ from upperson._io import atomic_path
 from upperson.config import ConfigError, RunConfig, load_config
 from upperson.data import load_dataset
 from upperson.evaluation.evaluate import Progress
-from upperson.methods import UPPersonConfig
+from upperson.methods import get_method
 from upperson.training.checkpoint import STATE_FILE
 from upperson.training.loop import CONFIG_FILE, METRICS_FILE, Trainer, build_training
 
@@ -120,45 +120,9 @@ def variant_config(base: str | Path | None, base_overrides: list[str], variant: 
         raise ConfigError(f"variant {variant.name!r}: {error}") from error
 
 
-_SHOWN_IN_LABELS = frozenset(
-    {"prefix", "prefix_length", "depth_prefix", "lora", "lora_rank", "depth_lora", "adapter", "adapter_reduction", "depth_adapter"}
-)
-_NOT_COMPONENTS = frozenset({"attention_backend"})
-"""Method options that change how, not what, is computed; left out of the summary."""
-
-
 def describe_components(config: RunConfig) -> str:
-    """The PETL components of a run's method config, for the table's components column.
-
-    UP-Person gets the paper's names (``S-Prefix(L=10) + LoRA(r=32) + L-Adapter(1/8)``); any other
-    option that differs from its default is appended as ``name=value``, so variants never look alike.
-    """
-    method = config.method_config()
-    shown: frozenset[str] = _NOT_COMPONENTS
-    parts = []
-    if isinstance(method, UPPersonConfig):
-        shown = shown | _SHOWN_IN_LABELS
-        if method.prefix:
-            vanilla = not method.learn_lambda and method.lambda_init == 1
-            parts.append(f"{'Prefix' if vanilla else 'S-Prefix'}(L={method.prefix_length}{_depth(method.depth_prefix)})")
-        if method.lora:
-            parts.append(f"LoRA(r={method.lora_rank}{_depth(method.depth_lora)})")
-        if method.adapter:
-            name = "L-Adapter" if getattr(method, "adapter_placement", "parallel-ln") == "parallel-ln" else "Adapter"
-            parts.append(f"{name}(1/{method.adapter_reduction}{_depth(method.depth_adapter, last=True)})")
-        summary = " + ".join(parts) or "frozen CLIP"
-    else:
-        summary = config.method
-    changed = [
-        f"{item.name}={getattr(method, item.name)}"
-        for item in dataclasses.fields(method)
-        if item.name not in shown and item.default is not dataclasses.MISSING and getattr(method, item.name) != item.default
-    ]
-    return summary + (f" [{', '.join(changed)}]" if changed else "")
-
-
-def _depth(depth: int | None, last: bool = False) -> str:
-    return "" if depth is None else f", {'last' if last else 'first'} {depth} blocks"
+    """The components column: the method's own summary from its registry entry (changed options appended)."""
+    return get_method(config.method).describe_config(config.model)
 
 
 def describe_losses(config: RunConfig) -> str:

@@ -1,47 +1,35 @@
-"""Methods: each composes PETL pieces on a backbone. A registry maps names to them."""
+"""Methods: each composes PETL pieces on a backbone and declares itself on a registry entry.
+
+Importing this package registers the built-in methods (up-person, cskt, zero-shot, full-finetune).
+A new method is a module that builds a :class:`MethodEntry` and calls :func:`register_method`;
+nothing here or in other generic modules names it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
-
-import torch
-from open_clip.model import CLIP
+from typing import Any
 
 from upperson.backbone.loading import Backbone, load_backbone
 from upperson.methods.model import ParameterReport, RetrievalModel
-from upperson.methods import cskt
-from upperson.methods.baselines import FullFinetuneConfig, ZeroShotConfig, inject_nothing
+from upperson.methods.registry import (
+    METHODS,
+    ExtraLossTerms,
+    MethodEntry,
+    MethodOptionError,
+    OfficialFormat,
+    get_method,
+    register_method,
+    unregister_method,
+)
+from upperson.methods.baselines import FullFinetuneConfig, ZeroShotConfig
 from upperson.methods.cskt import CSKTConfig
-from upperson.methods.up_person import UPPersonConfig, inject_up_person
-
-
-@dataclass(frozen=True)
-class MethodEntry:
-    """How a method is configured, put into a CLIP, and (if it changes the token flow) run."""
-
-    config_class: type
-    inject: Callable[[CLIP, Any], None]
-    encode_image: Callable[[CLIP, torch.Tensor], torch.Tensor] | None = None
-    """Replaces ``clip.encode_image(images, normalize=False)`` when the method inserts tokens."""
-    encode_text: Callable[[CLIP, torch.Tensor], torch.Tensor] | None = None
-    """Replaces ``clip.encode_text(ids, normalize=False)``."""
-    trains_backbone: bool = False
-    """Full fine-tuning: every CLIP weight (but ``logit_scale``) trains and is saved."""
-
-
-METHODS: dict[str, MethodEntry] = {
-    "up-person": MethodEntry(UPPersonConfig, inject_up_person),
-    "cskt": MethodEntry(CSKTConfig, cskt.inject_cskt, encode_image=cskt.encode_image, encode_text=cskt.encode_text),
-    "zero-shot": MethodEntry(ZeroShotConfig, inject_nothing),
-    "full-finetune": MethodEntry(FullFinetuneConfig, inject_nothing, trains_backbone=True),
-}
+from upperson.methods.up_person import UPPersonConfig
 
 
 def build_method_config(method: str, config: Any = None, **options: Any) -> Any:
     """A method's config from a config object and/or keyword options (options win)."""
-    entry = _method_entry(method)
+    entry = get_method(method)
     valid = {f.name for f in dataclasses.fields(entry.config_class)}
     unknown = sorted(set(options) - valid)
     if unknown:
@@ -77,23 +65,28 @@ def create_model(
 
 def build_model(backbone: Backbone, method: str, config: Any) -> RetrievalModel:
     """Inject ``method`` (configured by ``config``) into an already loaded backbone."""
+    entry = get_method(method)
     method_config = build_method_config(method, config)
-    entry = METHODS[method]
     entry.inject(backbone.clip, method_config)
-    return RetrievalModel(
-        backbone,
-        method,
-        method_config,
-        image_encoder=entry.encode_image,
-        text_encoder=entry.encode_text,
-        trains_backbone=entry.trains_backbone,
-    )
+    return RetrievalModel(backbone, entry, method_config)
 
 
-def _method_entry(method: str) -> MethodEntry:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
-    return METHODS[method]
-
-
-__all__ = ["CSKTConfig", "FullFinetuneConfig", "METHODS", "ZeroShotConfig", "ParameterReport", "RetrievalModel", "UPPersonConfig", "build_method_config", "build_model", "create_model"]
+__all__ = [
+    "CSKTConfig",
+    "ExtraLossTerms",
+    "FullFinetuneConfig",
+    "METHODS",
+    "MethodEntry",
+    "MethodOptionError",
+    "OfficialFormat",
+    "ParameterReport",
+    "RetrievalModel",
+    "UPPersonConfig",
+    "ZeroShotConfig",
+    "build_method_config",
+    "build_model",
+    "create_model",
+    "get_method",
+    "register_method",
+    "unregister_method",
+]

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from open_clip.model import CLIP
 
+from upperson.methods.registry import MethodEntry, register_method
+
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
@@ -23,3 +25,24 @@ class FullFinetuneConfig:
 
 def inject_nothing(clip: CLIP, config: object) -> None:
     """Neither baseline adds modules; what trains is decided by the method entry."""
+
+
+ZERO_SHOT = register_method(
+    MethodEntry(
+        name="zero-shot",
+        config_class=ZeroShotConfig,
+        inject=inject_nothing,
+        summary="frozen CLIP as released (evaluation only)",
+        losses=frozenset(),
+        trains=False,
+    )
+)
+FULL_FINETUNE = register_method(
+    MethodEntry(
+        name="full-finetune",
+        config_class=FullFinetuneConfig,
+        inject=inject_nothing,
+        summary="every CLIP weight trains (IRRA's CLIP baseline)",
+        trains_backbone=True,
+    )
+)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -12,8 +12,8 @@ from upperson.losses import at_least_fp32
 from upperson.backbone.loading import Backbone, BackboneSpec, state_dict_sha256
 from upperson.petl import PETLAttention, PETLModule
 
-BASE_COMPONENTS = ("prefix", "lora", "adapter")
-"""Columns ``upperson info`` always shows; methods add their own (``PETLModule.component``)."""
+if TYPE_CHECKING:
+    from upperson.methods.registry import MethodEntry
 
 
 @dataclass
@@ -37,21 +37,14 @@ class RetrievalModel(nn.Module):
     structurally when the model is built.
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        method: str,
-        config: Any,
-        image_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-        text_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-        trains_backbone: bool = False,
-    ) -> None:
+    def __init__(self, backbone: Backbone, entry: MethodEntry, config: Any) -> None:
         super().__init__()
-        self.trains_backbone = trains_backbone
-        self._image_encoder = image_encoder
-        self._text_encoder = text_encoder
+        self.entry = entry  # everything method-specific is asked of the registry entry
+        self.trains_backbone = entry.trains_backbone
+        self._image_encoder = entry.encode_image
+        self._text_encoder = entry.encode_text
         self.clip = backbone.clip
-        self.method = method
+        self.method = entry.name
         self.config = config
         self.backbone_spec: BackboneSpec = backbone.spec
         self.backbone_source = backbone.source
@@ -194,7 +187,7 @@ class RetrievalModel(nn.Module):
         """Counts as the papers report them: CLIP's unused ``logit_scale`` (τ is fixed) is excluded."""
         breakdown: dict[str, dict[str, int]] = {}
         for encoder, tower in (("vision", self.clip.visual), ("text", self.clip.transformer)):
-            counts = dict.fromkeys(BASE_COMPONENTS if self.method == "up-person" else (), 0)
+            counts = dict.fromkeys(self.entry.parameter_columns, 0)
             for module in _outermost_petl_modules(tower):
                 trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
                 counts[module.component] = counts.get(module.component, 0) + trainable

@@ -19,116 +19,24 @@ weights, masks and pooling are exactly open_clip's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.transformer import ResidualAttentionBlock, Transformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from upperson.petl.base import PETLModule
+from upperson.methods.cskt.config import CSKTConfig, PromptInit
+from upperson.methods.registry import MethodOptionError
+from upperson.petl.dual_adapter import DualAdapter
+from upperson.petl.prompts import INIT_STD, PromptBank, PromptCoupling
 from upperson.tokenizer import tokenize
-
-PromptInit = Literal["paper", "official"]
 
 PROMPT_INIT_TEXT = "a photo of a person or a pedestrian"
 """The official ``ctx_init``; its first ``C`` word tokens initialise the layer-0 text prompts."""
 PLACEHOLDER_ID = 343
 """Token id ("x") written where prompts go; its embedding is replaced, it only keeps EOT the argmax."""
-INIT_STD = 0.02
-
-
-@dataclass(frozen=True)
-class CSKTConfig:
-    """CSKT's components and sizes (paper and official run: C 4, depth 12, reduction 8)."""
-
-    prompts: bool = True
-    """Bidirectional prompts with coupling layers (BPT)."""
-    prompt_length: int = 4
-    """Prompt vectors C per modality and layer; each encoder sees 2C prompt tokens."""
-    depth: int | None = None
-    """First blocks with prompt sets; None = every block (official ``--depth 12``)."""
-    prompt_init: PromptInit = "paper"
-    """Layer-0 text prompts: ``paper`` = CLIP's embeddings of the first C tokens of
-    "a photo of a person or a pedestrian"; ``official`` = rows of a random N(0, 0.02) table at
-    those token ids (what the official code really does: rows 0 and 3 equal for C = 4)."""
-    adapters: bool = True
-    """Dual adapters beside every MLP (DAT)."""
-    adapter_reduction: int = 8
-    """Adapter bottleneck = width // reduction."""
-    text_adapter_scale: float = 4.0
-    vision_adapter_scale: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_length", "adapter_reduction"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CSKTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.depth is not None and self.depth < 1:
-            raise ValueError(f"CSKTConfig.depth must be >= 1 or None, got {self.depth}")
-        if self.prompt_init not in ("paper", "official"):
-            raise ValueError(f"CSKTConfig.prompt_init must be 'paper' or 'official', got {self.prompt_init!r}")
-
-
-class PromptBank(PETLModule):
-    """One modality's prompt vectors for the prompted layers: ``prompts[i]`` is ``[C, width]``."""
-
-    component = "prompts"
-
-    def __init__(self, width: int, length: int, layers: int) -> None:
-        super().__init__()
-        self.prompts = nn.ParameterList([nn.Parameter(torch.empty(length, width)) for _ in range(layers)])
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for prompt in self.prompts:
-            nn.init.normal_(prompt, std=INIT_STD)
-
-
-class PromptCoupling(PETLModule):
-    """One linear per prompted layer mapping this modality's prompts into the other modality."""
-
-    component = "coupling"
-
-    def __init__(self, width_in: int, width_out: int, layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(width_in, width_out) for _ in range(layers)])
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for layer in self.layers:
-            nn.init.normal_(layer.weight, std=INIT_STD)
-            nn.init.zeros_(layer.bias)
-
-
-class DualAdapter(PETLModule):
-    """DAT: ``scale · up(ReLU(down(ln(x))))`` added beside the MLP; ``scale`` is a constant."""
-
-    component = "adapter"
-
-    def __init__(self, width: int, reduction: int, scale: float) -> None:
-        super().__init__()
-        self.ln = nn.LayerNorm(width)
-        self.down = nn.Linear(width, width // reduction)
-        self.up = nn.Linear(width // reduction, width)
-        self.scale = scale
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        self.ln.reset_parameters()
-        for linear in (self.down, self.up):
-            nn.init.normal_(linear.weight, std=INIT_STD)
-            nn.init.zeros_(linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.to(torch.promote_types(x.dtype, self.ln.weight.dtype))  # LayerNorm in fp32 even under autocast
-        normed = F.layer_norm(wide, self.ln.normalized_shape, self.ln.weight, self.ln.bias, self.ln.eps).to(x.dtype)
-        return self.scale * self.up(F.relu(self.down(normed)))
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}"
 
 
 def inject_cskt(clip: CLIP, config: CSKTConfig) -> None:
@@ -150,7 +58,7 @@ def inject_cskt(clip: CLIP, config: CSKTConfig) -> None:
 def _prompted_layers(config: CSKTConfig, text: Transformer, vision: Transformer) -> int:
     layers = min(len(text.resblocks), len(vision.resblocks))
     if config.depth is not None and config.depth > layers:
-        raise ValueError(f"CSKTConfig.depth {config.depth} exceeds the encoders' {layers} shared blocks")
+        raise MethodOptionError("depth", f"{config.depth} exceeds the encoders' {layers} shared blocks")
     return layers if config.depth is None else config.depth
 
 
