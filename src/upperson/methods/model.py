@@ -186,12 +186,12 @@ class RetrievalModel(nn.Module):
     def parameter_report(self) -> ParameterReport:
         """Counts as the papers report them: CLIP's unused ``logit_scale`` (τ is fixed) is excluded."""
         breakdown: dict[str, dict[str, int]] = {}
-        for encoder, tower in (("vision", self.clip.visual), ("text", self.clip.transformer)):
-            counts = dict.fromkeys(self.entry.parameter_columns, 0)
-            for module in _outermost_petl_modules(tower):
-                trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-                counts[module.component] = counts.get(module.component, 0) + trainable
-            breakdown[encoder] = counts
+        vision_modules = {id(module) for module in self.clip.visual.modules()}
+        for encoder in ("vision", "text"):
+            breakdown[encoder] = dict.fromkeys(self.entry.parameter_columns, 0)
+        for module in _outermost_petl_modules(self.clip):  # text = everything of CLIP outside the vision tower
+            counts = breakdown["vision" if id(module) in vision_modules else "text"]
+            counts[module.component] = counts.get(module.component, 0) + sum(p.numel() for p in module.parameters() if p.requires_grad)
         if self.trains_backbone:
             vision = sum(p.numel() for p in self.clip.visual.parameters() if p.requires_grad)
             text = sum(p.numel() for name, p in self.clip.named_parameters() if p.requires_grad and not name.startswith("visual."))
