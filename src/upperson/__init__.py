@@ -26,6 +26,7 @@ __all__ = [
     "losses",
     "official_config_from_state_dict",
     "official_method",
+    "petl",
     "read_official_config",
     "register_method",
     "save_adapter",

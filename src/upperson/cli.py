@@ -19,7 +19,8 @@ from upperson.data import check_dataset, load_dataset
 from upperson.data.records import MissingSplitError
 from upperson.evaluation.evaluate import evaluate_with_config
 from upperson.methods import METHODS, RetrievalModel, build_model
-from upperson.retrieval.gallery import FAISS_THRESHOLD, GalleryIndex, SearchHit, build_trained_model, model_from_index
+from upperson.retrieval.factory import build_inference_model
+from upperson.retrieval.gallery import FAISS_THRESHOLD, GalleryIndex, SearchHit, model_from_index
 from upperson.training.distributed import DistributedEnv
 from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
 from upperson.methods.official import import_official_state_dict, official_backbone_state_dict, official_method, read_official_config
@@ -237,16 +238,9 @@ def _eval(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={args.root}")
     config = load_config(args.config, overrides)
     device = resolve_device(config.device)
-    model = upperson.create_model(config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config())
-    if args.adapter is not None:
-        upperson.load_adapter(model, args.adapter, allow_other_backbone_weights=args.allow_other_backbone)
-    elif model.trainable_state_dict():
-        raise ValueError(f"--adapter is required for method {config.method!r} (only zero-shot evaluates without one)")
-    model.merge_lora()
+    model = build_inference_model(config, args.adapter, device, allow_other_backbone_weights=args.allow_other_backbone)
     dataset = load_dataset(config.data.dataset, config.data.root)
-    metrics = evaluate_with_config(
-        model.to(device), dataset.split(args.split), config, device, i2t=args.i2t or config.eval.i2t, progress=_progress
-    )
+    metrics = evaluate_with_config(model, dataset.split(args.split), config, device, i2t=args.i2t or config.eval.i2t, progress=_progress)
     print(f"{config.data.dataset} {args.split} with {args.adapter or 'the frozen backbone (zero-shot)'}:")
     print(format_metrics_table(metrics))
     if args.json:
@@ -338,10 +332,10 @@ def _index(args: argparse.Namespace) -> int:
         overrides.append(f"eval.batch_size={args.batch_size}")
     config = load_config(args.config, overrides)
     device = resolve_device(config.device)
-    model = build_trained_model(config.method, config.backbone, config.data.image_size, config.method_config(), args.adapter)
+    model = build_inference_model(config, args.adapter, device)
     out = args.out or args.images / DEFAULT_INDEX_DIR
     gallery = GalleryIndex.build(
-        model.to(device),
+        model,
         args.images,
         out,
         adapter=args.adapter,
@@ -362,7 +356,7 @@ def _search(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     gallery = GalleryIndex.load(args.index)
     device = resolve_device(args.device)
-    model = model_from_index(gallery, adapter=args.adapter).to(device)
+    model = model_from_index(gallery, adapter=args.adapter, device=device)
     precision = gallery.metadata["precision"] if device.type != "cpu" else "fp32"
     hits = gallery.search(model, args.queries, args.top_k, device=device, precision=precision, faiss_threshold=args.faiss_threshold)
     for query, ranked in zip(args.queries, hits, strict=True):

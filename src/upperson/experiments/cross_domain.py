@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import upperson
 from upperson._io import atomic_path
 from upperson.config import RunConfig, load_config
 from upperson.data import load_dataset
 from upperson.data.readers import get_reader
 from upperson.data.records import RetrievalDataset
 from upperson.evaluation.evaluate import Progress, evaluate_with_config
-from upperson.methods import RetrievalModel
+from upperson.retrieval.factory import build_inference_model
 from upperson.training.checkpoint import BEST_ADAPTER
 from upperson.training.loop import CONFIG_FILE, resolve_device
 
@@ -103,15 +102,6 @@ def default_targets(runs: Sequence[TrainedRun]) -> list[Target]:
     return list(targets.values())
 
 
-def load_trained_model(run: TrainedRun) -> RetrievalModel:
-    """The run's method on its backbone with the adapter loaded and LoRA merged (inference form)."""
-    config = run.config
-    model = upperson.create_model(config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config())
-    upperson.load_adapter(model, run.adapter)
-    model.merge_lora()
-    return model
-
-
 def evaluate_cross_domain(
     runs: Sequence[TrainedRun], targets: Sequence[Target], split: str = "test", progress: Progress | None = None
 ) -> CrossDomainResult:
@@ -128,7 +118,7 @@ def evaluate_cross_domain(
     for run in runs:
         config = run.config
         device = resolve_device(config.device)
-        model = load_trained_model(run).to(device)
+        model = build_inference_model(config, run.adapter, device)
         result.metrics[run.label] = {}
         for target in targets:
             logger.info("%s (trained on %s) → %s %s", run.label, run.source, target.name, split)

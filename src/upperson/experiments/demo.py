@@ -8,17 +8,18 @@ checkpoint file like any user's CLIP; the demo reports chance, that backbone zer
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import upperson
 from upperson.config import DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
 from upperson.data import load_dataset
 from upperson.data.synthetic import generate_synthetic_cuhk
 from upperson.evaluation.evaluate import Progress, evaluate_split, extract_features
 from upperson.experiments.pretraining import pretrained_tiny_clip
+from upperson.retrieval.factory import build_inference_model
 from upperson.training.loop import Trainer
 from upperson.visualize import save_retrieval_figure
 
@@ -79,7 +80,7 @@ def run_demo(run_dir: Path, data_dir: Path, epochs: int | None = None, progress:
     backbone = pretrained_tiny_clip(data_dir, progress=progress)
     config = demo_config(data_dir, run_dir, epochs or DEMO_EPOCHS, backbone=str(backbone))
     zero_shot = evaluate_split(
-        upperson.create_model(config.method, backbone=config.backbone, image_size=config.data.image_size, prefix=False, lora=False, adapter=False),
+        build_inference_model(dataclasses.replace(config, method="zero-shot", model=None), adapter=None, device=torch.device("cpu")),
         load_dataset(config.data.dataset, config.data.root).split("test"),
         torch.device("cpu"),
         config.data.image_size,
@@ -88,8 +89,7 @@ def run_demo(run_dir: Path, data_dir: Path, epochs: int | None = None, progress:
     )
     result = Trainer(config, run_dir, progress=progress).fit()
     assert result is not None  # no early stop requested
-    model = upperson.create_model(config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config())
-    upperson.load_adapter(model, result.best_adapter)
+    model = build_inference_model(config, result.best_adapter, device=torch.device("cpu"))
     split = load_dataset(config.data.dataset, config.data.root).split("test")
     image_features, image_pids, text_features, text_pids = extract_features(
         model, split, torch.device("cpu"), config.data.image_size, precision="fp32"

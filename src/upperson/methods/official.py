@@ -32,34 +32,6 @@ class ImportReport:
     missing: list[str] = field(default_factory=list)
 
 
-def official_to_upperson_key(key: str) -> str | None:
-    """Our model key for an official PETL key, or ``None`` if ``key`` is not a PETL tensor."""
-    for pattern, template in _RULES:
-        match = pattern.match(key)
-        if match is None:
-            continue
-        groups = match.groupdict()
-        tower = groups.get("tower", "")
-        return template.format(
-            tower=_TOWER.get(tower, tower),
-            l=groups["l"],
-            kv=_KV.get(groups.get("kv", ""), ""),
-            ab_lower=groups.get("ab", "").lower(),
-            ln=_LN.get(groups.get("ln", ""), groups.get("ln", "")),
-            rest=groups.get("rest", ""),
-        )
-    return None
-
-
-def cskt_official_to_upperson_key(key: str) -> str | None:
-    """Our model key for an official CSKT trainable key, or ``None`` if ``key`` is not one."""
-    for pattern, target in _CSKT_RULES:
-        match = pattern.match(key)
-        if match is not None:
-            return target(match)
-    return None
-
-
 def official_method(state_dict: Mapping[str, torch.Tensor]) -> str:
     """The registered method whose official layout ``state_dict`` follows."""
     state_dict = _unwrap(state_dict)

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from upperson.adapter_file import load_adapter
 from upperson.data.datasets import IMAGE_ERRORS, read_image
 from upperson.data.transforms import build_transforms
 from upperson.evaluation.evaluate import Progress, _SilentProgress, autocast
-from upperson.methods import RetrievalModel, create_model
+from upperson.methods import RetrievalModel
+from upperson.retrieval.factory import build_inference_model, inference_config
 from upperson.tokenizer import tokenize
 from upperson.version import __version__
 
@@ -415,29 +415,15 @@ def _faiss() -> Any:
     return faiss
 
 
-def build_trained_model(
-    method: str,
-    backbone: str,
-    image_size: tuple[int, int],
-    config: Any,
-    adapter: str | os.PathLike[str] | None,
+def model_from_index(
+    index: GalleryIndex, adapter: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu"
 ) -> RetrievalModel:
-    """The inference model: backbone + method, adapter loaded, LoRA merged, eval mode."""
-    model = create_model(method, backbone=backbone, image_size=tuple(image_size), config=config)
-    if adapter is not None:
-        load_adapter(model, adapter)
-    elif model.trainable_state_dict():
-        raise ValueError(f"an adapter file is required for method {method!r} (only zero-shot runs without one)")
-    model.merge_lora()
-    return model.eval()
-
-
-def model_from_index(index: GalleryIndex, adapter: str | os.PathLike[str] | None = None) -> RetrievalModel:
     """Rebuild the model that made ``index`` from its metadata, so that queries land in the same space.
 
     Args:
         adapter: use this adapter file instead of the recorded path (e.g. after moving the run); it
             must be the same file (same SHA-256) the index was built with.
+        device: where the model goes.
     """
     metadata = index.metadata
     recorded = metadata.get("adapter")
@@ -453,7 +439,8 @@ def model_from_index(index: GalleryIndex, adapter: str | os.PathLike[str] | None
                 f"adapter {path} (sha256 {digest[:12]}…) is not the one the index was built with "
                 f"({str(metadata.get('adapter_sha256'))[:12]}…); re-run `upperson index` with it"
             )
-    model = build_trained_model(metadata["method"], metadata["backbone_source"], tuple(metadata["image_size"]), metadata["config"], path)
+    config = inference_config(metadata["method"], metadata["backbone_source"], tuple(metadata["image_size"]), metadata["config"])
+    model = build_inference_model(config, path, device=torch.device(device))
     if model.backbone_sha256 != metadata["backbone_sha256"]:
         raise ValueError(
             f"backbone {metadata['backbone_source']} now has other weights than when the index was built; re-run `upperson index`"
