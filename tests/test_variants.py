@@ -331,7 +331,7 @@ def test_every_variant_is_reachable_from_the_cuhk_config() -> None:
     with pytest.raises(ConfigError, match="adapter_placement"):
         load_config(CUHK_CONFIG, ["model.adapter_placement=parallel"])
     with pytest.raises(ConfigError, match="lora_type"):
-        load_config(CUHK_CONFIG, ["model.lora_type=wora"])
+        load_config(CUHK_CONFIG, ["model.lora_type=nope"])
 
 
 @pytest.mark.parametrize(("placement", "lora_type"), [("ln-tuning", "dora"), ("parallel-ln-mha+parallel-mlp", "lora")])

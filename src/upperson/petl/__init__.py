@@ -8,12 +8,14 @@ from upperson.petl.ln_tuning import LayerNormAffine, TunedLayerNorm
 from upperson.petl.lora import KVLoRA, LowRankDelta
 from upperson.petl.prefix import ScaledPrefix
 from upperson.petl.sublayer_adapter import SublayerAdaptedBlock
+from upperson.petl.wora import KVWoRA
 
 __all__ = [
     "AdaptedLayerNorm",
     "BottleneckAdapter",
     "KVDoRA",
     "KVLoRA",
+    "KVWoRA",
     "LayerNormAdapter",
     "LayerNormAffine",
     "LowRankDelta",

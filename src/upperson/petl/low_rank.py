@@ -14,6 +14,7 @@ import torch
 from upperson.petl.base import PETLModule
 from upperson.petl.dora import KVDoRA
 from upperson.petl.lora import KVLoRA
+from upperson.petl.wora import KVWoRA
 
 
 class KVUpdate(Protocol):
@@ -45,6 +46,7 @@ def _lora(in_proj_weight: torch.Tensor, rank: int) -> PETLModule:
 LOW_RANK_UPDATES: dict[str, LowRankFactory] = {
     "lora": _lora,
     "dora": KVDoRA,
+    "wora": KVWoRA,
 }
 """``lora_type`` name → factory."""
 

@@ -55,7 +55,8 @@ class UPPersonConfig:
     """Number of first blocks with LoRA; None = all."""
     lora_type: str = "lora"
     """Low-rank update on K and V, a name of :data:`upperson.petl.low_rank.LOW_RANK_UPDATES`: ``lora``
-    (UP-Person) or ``dora`` (weight-decomposed LoRA, Table VI), same rank."""
+    (UP-Person), ``dora`` (weight-decomposed LoRA) or ``wora`` (DoRA with learnable weights α, β on
+    the update and the frozen weight), Table VI, same rank."""
     adapter: bool = True
     """Use the adapters of ``adapter_placement`` (default: L-Adapters parallel to both LayerNorms)."""
     adapter_placement: AdapterPlacement = "parallel-ln"
