@@ -17,8 +17,9 @@ import upperson
 from upperson.config import DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
 from upperson.data import load_dataset
 from upperson.data.synthetic import generate_synthetic_cuhk
-from upperson.evaluation.evaluate import Progress, evaluate_split, extract_features
+from upperson.evaluation.evaluate import evaluate_split, extract_features
 from upperson.experiments.pretraining import pretrained_tiny_clip
+from upperson.runtime import Progress
 from upperson.training.loop import Trainer
 from upperson.visualize import save_retrieval_figure
 
