@@ -14,8 +14,10 @@ backbone without PETL vs raw open_clip.
 Timing: every path is timed in this process, round-robin (one step of each path per round), so
 background load drifts over all paths alike; the median of the timed rounds is reported.
 
-Peak memory: each training path runs in a fresh subprocess whose very first step is measured (see
-:class:`PeakMemory`), so no allocation left over from another path or an earlier step is counted.
+Peak memory: each training path runs in a fresh subprocess whose very first step is measured with
+``upperson profile``'s :class:`~upperson.experiments.profile.PeakMemory`, so no allocation left
+over from another path or an earlier step is counted. Precision, autocast and the bf16 frozen
+weights come from :mod:`upperson.runtime`, as in training.
 
 Run ``python benchmarks/train_step.py --help`` for the options; the default takes a few minutes
 on a 2-core CPU. Backbone weights are random (no download); speed and memory do not depend on them.
@@ -29,7 +31,6 @@ import gc
 import json
 import logging
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 import upperson
+from upperson.experiments.profile import PeakMemory
+from upperson.runtime import LOW_PRECISION, Precision, autocast, native_bf16
 
 CAPTIONS = (
     "a woman in a red coat",
@@ -70,13 +73,13 @@ class TrainPath:
     key: str
     label: str
     backend: str
-    bf16: bool
+    precision: Precision
 
 
 PATHS: dict[str, TrainPath] = {
-    "a": TrainPath("a", "fused (sdpa), bf16 autocast", "sdpa", True),
-    "b": TrainPath("b", "fused (sdpa), fp32", "sdpa", False),
-    "c": TrainPath("c", "explicit (reference), fp32", "explicit", False),
+    "a": TrainPath("a", "fused (sdpa), bf16 autocast", "sdpa", "bf16"),
+    "b": TrainPath("b", "fused (sdpa), fp32", "sdpa", "fp32"),
+    "c": TrainPath("c", "explicit (reference), fp32", "explicit", "fp32"),
 }
 
 
@@ -102,26 +105,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def native_bf16(device: str) -> bool:
+def has_native_bf16(device: str) -> bool:
     """Whether bf16 matmuls run on native hardware support rather than a slow fallback.
 
     On a CPU without AVX512-BF16 or AMX, PyTorch runs bf16 GEMMs on a scalar reference kernel
     (pytorch/pytorch#146508), which is one to two orders of magnitude slower than fp32.
     """
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return native_bf16(torch.device(device))[0]
 
 
 def bf16_enabled(args: argparse.Namespace) -> bool:
-    return args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(args.device))
-
-
-def autocast(device: str, bf16: bool) -> contextlib.AbstractContextManager[Any]:
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    return args.bf16 == "on" or (args.bf16 == "auto" and has_native_bf16(args.device))
 
 
 def synchronize(device: str) -> None:
@@ -148,8 +142,8 @@ def build_path_model(args: argparse.Namespace, path: TrainPath) -> upperson.Retr
     """The model a path trains: under bf16 the frozen matmul weights are stored in bf16, exactly as
     ``upperson train`` does (autocast would cast them at every use; outputs are bit-identical)."""
     model = build_up_person(args, path.backend)
-    if path.bf16:
-        model.store_frozen_matmul_weights(torch.bfloat16)
+    if path.precision in LOW_PRECISION:
+        model.store_frozen_matmul_weights(LOW_PRECISION[path.precision])
     return model
 
 
@@ -174,67 +168,13 @@ def train_step(model: upperson.RetrievalModel, batch: Batch, path: TrainPath, de
     model.zero_grad(set_to_none=True)
     synchronize(device)
     start = time.perf_counter()
-    with autocast(device, path.bf16):
+    with autocast(torch.device(device), path.precision):
         image_features = model.encode_image(batch.images)
         text_features = model.encode_text(batch.token_ids)
         loss = upperson.losses.sdm_loss(image_features, text_features, batch.pids, temperature=0.02)
     loss.backward()
     synchronize(device)
     return time.perf_counter() - start
-
-
-class PeakMemory:
-    """Peak memory of a code region above the memory in use when it starts, in bytes.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
-    allocated at the start (the model and the batch).
-
-    CPU: the process's resident-set high-water mark (``VmHWM``) minus its resident set at the start.
-    Writing ``5`` to ``/proc/self/clear_refs`` resets the high-water mark to the current resident
-    set (Linux >= 4.0), so transient allocations of model construction are not counted. The region
-    must be the process's first step: memory that glibc keeps after ``free`` would otherwise be
-    reused without raising the resident set. What is counted is what the step costs the machine:
-    saved activations, autocast's bf16 weight copies, gradients, backward temporaries, allocator
-    fragmentation, and a few MiB of one-off library initialisation common to every path. Where the
-    reset is unavailable, ``ru_maxrss`` is used, which also covers construction (flagged as
-    ``exact=False``).
-    """
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.exact = True
-        self.baseline = 0
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            return self
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.exact = False
-        self.baseline = _proc_status_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def peak_delta(self) -> int:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.baseline
-        peak = _proc_status_bytes("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return peak - self.baseline
-
-
-def _proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 @contextlib.contextmanager
@@ -261,10 +201,10 @@ def memory_worker(args: argparse.Namespace) -> None:
     path = PATHS[args.memory_worker]
     model = build_path_model(args, path)
     batch = make_batch(args)
-    with PeakMemory(args.device) as memory, saved_activation_bytes(model) as saved:
+    with PeakMemory(torch.device(args.device)) as memory, saved_activation_bytes(model) as saved:
         seconds = train_step(model, batch, path, args.device)
     result = {
-        "peak_bytes": memory.peak_delta(),
+        "peak_bytes": memory.delta,
         "peak_exact": memory.exact,
         "saved_activation_bytes": sum(saved.values()),
         "first_step_s": seconds,
@@ -346,18 +286,18 @@ def time_inference(args: argparse.Namespace, precisions: list[str]) -> dict[str,
     images = make_batch(args).images
     results = {}
     for precision in precisions:
-        jobs = {name: _encode_job(fn, images, precision == "bf16", args.device) for name, fn in encoders.items()}
+        jobs = {name: _encode_job(fn, images, precision, args.device) for name, fn in encoders.items()}
         results[precision] = round_robin(jobs, args.warmup, args.steps, f"inference {precision}")
     return results
 
 
 def _encode_job(
-    encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, bf16: bool, device: str
+    encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, precision: Precision, device: str
 ) -> Callable[[], float]:
     def job() -> float:
         synchronize(device)
         start = time.perf_counter()
-        with torch.no_grad(), autocast(device, bf16):
+        with torch.no_grad(), autocast(torch.device(device), precision):
             encode(images)
         synchronize(device)
         return time.perf_counter() - start
@@ -444,7 +384,7 @@ def summarise(
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "upperson": upperson.__version__,
-            "native_bf16": native_bf16(args.device),
+            "native_bf16": has_native_bf16(args.device),
             "bf16_paths_skipped": skipped_bf16,
         },
         "train": train,
@@ -520,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.perf_counter()
     use_bf16 = bf16_enabled(args)
-    train_keys = [key for key in PATHS if use_bf16 or not PATHS[key].bf16]
+    train_keys = [key for key in PATHS if use_bf16 or PATHS[key].precision != "bf16"]
     memory = measure_memory(args, train_keys)
     train_times = time_training(args, train_keys)
     gc.collect()

@@ -22,8 +22,10 @@ from test_training import tiny_overrides, write_cuhk_fixture
 
 from upperson.config import load_config
 from upperson.losses import MLM_IGNORE_INDEX
+from upperson.runtime import seed_everything
 from upperson.training.distributed import DistributedEnv, process_group, resolve_distributed_device
-from upperson.training.loop import Trainer, TrainingParts, build_training, loss_terms, seed_everything
+from upperson.training.loop import Trainer
+from upperson.training.step import TrainingParts, build_training, loss_terms
 
 WORLD = 2
 TIMEOUT_S = 120

@@ -21,8 +21,9 @@ from upperson.data.records import TrainSample
 from upperson.data.transforms import build_transforms
 from upperson.losses import mlm_loss
 from upperson.tokenizer import MASK_TOKEN_ID
-from upperson.training.loop import Trainer, build_training, loss_terms
+from upperson.training.loop import Trainer
 from upperson.training.objective import MLM_DEPTH, MLMHead, TrainingObjective
+from upperson.training.step import build_training, loss_terms
 
 UP_PERSON_VIT_B16_TRAINABLE = 7_419_816
 """UP-Person's trainable count on ViT-B/16 (paper Table X "SDM" row: 7.4M; checked by the slow test)."""

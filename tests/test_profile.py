@@ -10,7 +10,10 @@ import torch
 
 import upperson
 from upperson.cli import main
+from upperson.config import load_config
+from upperson.experiments import profile
 from upperson.experiments.profile import PeakMemory, count_flops
+from upperson.training import step
 
 TINY = ["backbone=tiny", "data.image_size=[64,32]", "train.precision=fp32", "device=cpu", "model.prefix_length=2", "model.lora_rank=2"]
 NO_PETL = ["model.prefix=false", "model.lora=false", "model.adapter=false"]
@@ -112,3 +115,24 @@ def test_cli_profile_with_the_mlm_head(tmp_path: Path) -> None:
     assert main(argv) == 0
     row = json.loads(out.read_text())[0]
     assert row["train_peak_bytes"] > 0 and row["trainable_parameters"] > 0
+
+
+def test_profile_builds_the_model_the_trainer_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 the profiled model stores its frozen matmul weights in bf16, as training does."""
+    built = []
+
+    def recording_build_training(*args: object, **kwargs: object) -> step.TrainingParts:
+        built.append(step.build_training(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(profile, "build_training", recording_build_training)
+    overrides = [item for item in TINY if not item.startswith("train.precision")] + ["train.precision=bf16"]
+    result = profile.profile_config(load_config(None, overrides), batch_size=2, steps=1, warmup=0)
+    assert result.precision == "bf16" and result.train_peak_bytes > 0 and result.gflops_per_image > 0
+    model = built[0].model
+    assert model.clip.visual.transformer.resblocks[-1].mlp.c_fc.weight.dtype == torch.bfloat16
+    converted = sum(
+        isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.weight.dtype == torch.bfloat16 for module in model.clip.modules()
+    )
+    reference = upperson.create_model("up-person", backbone="tiny", image_size=(64, 32), prefix_length=2, lora_rank=2)
+    assert converted == reference.store_frozen_matmul_weights(torch.bfloat16) > 0

@@ -19,11 +19,13 @@ from upperson.data import check_dataset, load_dataset
 from upperson.data.records import MissingSplitError
 from upperson.evaluation.evaluate import evaluate_with_config
 from upperson.methods import METHODS, RetrievalModel, build_model
+from upperson.methods.official import import_official_state_dict, official_backbone_state_dict, official_method, read_official_config
 from upperson.retrieval.factory import build_inference_model
 from upperson.retrieval.gallery import FAISS_THRESHOLD, GalleryIndex, SearchHit, model_from_index
+from upperson.runtime import resolve_device, resolve_precision
 from upperson.training.distributed import DistributedEnv
-from upperson.training.loop import CONFIG_FILE, DatasetValidationError, Trainer, default_run_dir, resolve_device
-from upperson.methods.official import import_official_state_dict, official_backbone_state_dict, official_method, read_official_config
+from upperson.training.history import CONFIG_FILE
+from upperson.training.loop import DatasetValidationError, Trainer, default_run_dir
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_INDEX_DIR = ".upperson-index"
@@ -357,7 +359,7 @@ def _search(args: argparse.Namespace) -> int:
     gallery = GalleryIndex.load(args.index)
     device = resolve_device(args.device)
     model = model_from_index(gallery, adapter=args.adapter, device=device)
-    precision = gallery.metadata["precision"] if device.type != "cpu" else "fp32"
+    precision = resolve_precision(gallery.metadata["precision"], device) if device.type != "cpu" else "fp32"
     hits = gallery.search(model, args.queries, args.top_k, device=device, precision=precision, faiss_threshold=args.faiss_threshold)
     for query, ranked in zip(args.queries, hits, strict=True):
         print(f"query: {query}")

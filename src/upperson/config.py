@@ -92,8 +92,9 @@ class TrainConfig:
     batch_size / N (split further by ``grad_accumulation``)."""
     grad_accumulation: int = 1
     """Micro-batches per optimizer step; each has batch_size / grad_accumulation samples."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Autocast dtype; fp16 uses a GradScaler and needs a GPU."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast dtype; auto = bf16 where the hardware computes it natively (CUDA with bf16, a CPU with
+    AVX512-BF16/AMX), fp16 on other GPUs, else fp32. fp16 uses a GradScaler and needs a GPU."""
     grad_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
     temperature: float = 0.02

@@ -2,7 +2,8 @@
 
 Every sampler is deterministic given ``(seed, epoch)`` and knows which slice of the data its
 process owns, so the same code runs on one GPU and under DDP (the official code gives every rank
-the full data, and its distributed identity sampler crashes).
+the full data, and its distributed identity sampler crashes). Ours draw from
+:func:`upperson.runtime.epoch_seed`; torch's `DistributedSampler` draws from ``seed + epoch``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Literal
 
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler
+
+from upperson.runtime import epoch_seed
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ class SeededRandomSampler(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed so that this epoch's order does not depend on how many epochs ran before."""
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
 
 
 class RandomIdentitySampler(Sampler[int]):
@@ -84,7 +87,7 @@ class RandomIdentitySampler(Sampler[int]):
 
     def _batches(self) -> list[list[int]]:
         """Every whole batch of the epoch, before the split across ranks."""
-        rng = random.Random(f"{self.seed}:{self.epoch}")
+        rng = random.Random(epoch_seed(self.seed, self.epoch))
         chunks: dict[int, list[list[int]]] = {}
         k = self.num_instances
         for pid, indices in self.indices_by_pid.items():
@@ -130,7 +133,7 @@ def build_train_sampler(
     num_replicas: int = 1,
     rank: int = 0,
     num_instances: int = 4,
-) -> Sampler[int]:
+) -> SeededRandomSampler | RandomIdentitySampler | DistributedSampler:
     """The training sampler for ``kind``; call its ``set_epoch(epoch)`` before every epoch.
 
     ``random`` is a seeded `RandomSampler` in one process and a `DistributedSampler` (shuffled with

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,33 +15,9 @@ from upperson.data.records import EvalSplit
 from upperson.data.transforms import build_transforms
 from upperson.evaluation.metrics import retrieval_metrics
 from upperson.methods import RetrievalModel
+from upperson.runtime import Progress, SilentProgress, autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[..., Any]
-"""A tqdm-like factory: ``progress(total=..., desc=...)`` returning an object with ``update`` and ``close``."""
-
-
-class _SilentProgress:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def update(self, count: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16/fp16 autocast on ``device``, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -62,7 +37,7 @@ def extract_features(
         ``(image_features [Ng, D], image_pids [Ng], text_features [Nq, D], text_pids [Nq])``; images
         that cannot be read are dropped from the gallery with a warning.
     """
-    progress = progress or _SilentProgress
+    progress = progress or SilentProgress
     was_training = model.training
     model.eval()
     images = ImageDataset(split.image_paths, split.image_pids, build_transforms(image_size, train=False))
@@ -135,13 +110,13 @@ def evaluate_with_config(
     i2t: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, float]]:
-    """:func:`evaluate_split` with the sizes, precision and loader settings of a run config."""
+    """:func:`evaluate_split` with the sizes, precision (resolved for ``device``) and loader settings of a run config."""
     return evaluate_split(
         model,
         split,
         device,
         config.data.image_size,
-        precision=config.train.precision,
+        precision=resolve_precision(config.train.precision, device),
         batch_size=config.eval.batch_size,
         num_workers=config.data.num_workers,
         chunk_size=config.eval.chunk_size,

@@ -33,10 +33,12 @@ import yaml
 from upperson._io import atomic_path
 from upperson.config import ConfigError, RunConfig, load_config
 from upperson.data import load_dataset
-from upperson.evaluation.evaluate import Progress
 from upperson.methods import get_method
+from upperson.runtime import Progress
 from upperson.training.checkpoint import STATE_FILE
-from upperson.training.loop import CONFIG_FILE, METRICS_FILE, Trainer, build_training
+from upperson.training.history import CONFIG_FILE, METRICS_FILE
+from upperson.training.loop import Trainer
+from upperson.training.step import build_training
 
 logger = logging.getLogger(__name__)
 

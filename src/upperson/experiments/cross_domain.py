@@ -19,10 +19,11 @@ from upperson.config import RunConfig, load_config
 from upperson.data import load_dataset
 from upperson.data.readers import get_reader
 from upperson.data.records import RetrievalDataset
-from upperson.evaluation.evaluate import Progress, evaluate_with_config
+from upperson.evaluation.evaluate import evaluate_with_config
 from upperson.retrieval.factory import build_inference_model
+from upperson.runtime import Progress, resolve_device
 from upperson.training.checkpoint import BEST_ADAPTER
-from upperson.training.loop import CONFIG_FILE, resolve_device
+from upperson.training.history import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 

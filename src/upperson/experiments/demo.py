@@ -17,9 +17,10 @@ import torch
 from upperson.config import DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
 from upperson.data import load_dataset
 from upperson.data.synthetic import generate_synthetic_cuhk
-from upperson.evaluation.evaluate import Progress, evaluate_split, extract_features
+from upperson.evaluation.evaluate import evaluate_split, extract_features
 from upperson.experiments.pretraining import pretrained_tiny_clip
 from upperson.retrieval.factory import build_inference_model
+from upperson.runtime import Progress
 from upperson.training.loop import Trainer
 from upperson.visualize import save_retrieval_figure
 

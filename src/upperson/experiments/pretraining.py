@@ -25,8 +25,8 @@ from upperson.data import load_dataset
 from upperson.data.datasets import ImageTextDataset, collate_skip_none
 from upperson.data.synthetic import Scene, generate_synthetic_cuhk
 from upperson.data.transforms import build_transforms
-from upperson.evaluation.evaluate import Progress, _SilentProgress
 from upperson.losses import itc_loss
+from upperson.runtime import Progress, SilentProgress
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def pretrained_tiny_clip(cache_dir: str | Path, settings: PretrainingSettings = 
 
 def pretrain_tiny_clip(corpus_root: Path, settings: PretrainingSettings, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Train every weight of the seeded tiny CLIP with ITC on the corpus' train split; return its state dict."""
-    progress = progress or _SilentProgress
+    progress = progress or SilentProgress
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         clip = load_backbone("tiny", settings.image_size).clip

@@ -7,7 +7,8 @@ For each configuration:
   ``torch.utils.flop_counter.FlopCounterMode``: FLOPs = 2 × multiply-accumulates of convolutions,
   matrix products and attention; element-wise work is not counted (tools that report MACs give half);
 * peak memory of one full training step (forward, losses, backward, optimizer step) at the given
-  batch size: see :class:`PeakMemory`;
+  batch size, of the model exactly as the Trainer builds it (:func:`build_training`: under bf16/fp16
+  the frozen matmul weights are stored in that dtype): see :class:`PeakMemory`;
 * inference throughput, images/s and captions/s, of the merged model on the chosen device.
 """
 
@@ -31,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import upperson
 from upperson.config import RunConfig
 from upperson.data import load_dataset
-from upperson.evaluation.evaluate import autocast
 from upperson.data.masking import mask_caption_tokens_with_labels
-from upperson.training.loop import TrainingParts, build_training, loss_terms, resolve_device
+from upperson.runtime import autocast, resolve_device, seed_everything
+from upperson.training.step import TrainingParts, backward, build_training, loss_terms, optimizer_step
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ProfileResult:
     batch_size: int
     device: str
     precision: str
+    """The precision it ran in (``train.precision`` resolved for the device)."""
     trainable_parameters: int
     total_parameters: int
     gflops_per_image: float
@@ -188,21 +190,14 @@ def _make_batch(batch_size: int, image_size: tuple[int, int], num_classes: int, 
     return _Batch(images.to(device), caption_ids.to(device), pids.to(device), mlm_ids.to(device), mlm_labels.to(device))
 
 
-def train_step_memory(parts: TrainingParts, batch: _Batch, precision: str) -> PeakMemory:
-    """Run one full optimizer step inside :class:`PeakMemory` (Adam state is allocated by it)."""
+def train_step_memory(parts: TrainingParts, batch: _Batch) -> PeakMemory:
+    """Run one full optimizer step, as the Trainer runs it, inside :class:`PeakMemory` (Adam state is allocated by it)."""
     parts.model.train()
     with PeakMemory(batch.images.device) as memory:
         parts.optimizer.zero_grad(set_to_none=True)
-        terms = loss_terms(parts, batch.images, batch.caption_ids, batch.pids, precision, batch.mlm_ids, batch.mlm_labels)
-        loss = sum(terms.values())
-        if parts.scaler is not None:
-            parts.scaler.scale(loss).backward()
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-        else:
-            loss.backward()
-            parts.optimizer.step()
-        parts.optimizer.zero_grad(set_to_none=True)
+        terms = loss_terms(parts, batch.images, batch.caption_ids, batch.pids, parts.precision, batch.mlm_ids, batch.mlm_labels)
+        backward(parts, sum(terms.values()))
+        optimizer_step(parts)
     return memory
 
 
@@ -229,7 +224,7 @@ def profile_config(
     steps: int = 5,
     warmup: int = 1,
 ) -> ProfileResult:
-    """Profile ``config``'s method on its backbone, image size, precision and device.
+    """Profile ``config``'s method on its backbone, image size, precision (resolved for the device) and device.
 
     Args:
         batch_size: training and inference batch; default ``train.batch_size``.
@@ -239,33 +234,40 @@ def profile_config(
     """
     batch_size = batch_size or config.train.batch_size
     device = resolve_device(config.device)
-    precision = config.train.precision
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision fp16 needs a CUDA device; profile with bf16 or fp32 on CPU")
-    if precision == "bf16" and device.type == "cpu":
-        logger.info("bf16 autocast on the CPU: without AVX512-BF16/AMX it is far slower than fp32 (set train.precision=fp32)")
     num_classes = num_classes or _num_classes(config)
-    torch.manual_seed(config.train.seed)
+    seed_everything(config.train.seed)
     parts = build_training(config, num_classes, device)
+    precision = parts.precision
     counts = parts.parameter_counts()
     batch = _make_batch(batch_size, config.data.image_size, num_classes, device)
-    memory = train_step_memory(parts, batch, precision) if counts["trainable"] else None
+    memory = train_step_memory(parts, batch) if counts["trainable"] else None
     if memory is None:
         logger.info("%s has no trainable parameters: no training-step memory", label or config.method)
     model = parts.model.eval()
     model.merge_lora()
-    image_flops = count_flops(model.encode_image, batch.images[:1])
-    text_flops = count_flops(model.encode_text, batch.caption_ids[:1])
 
-    def encode(encoder: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> Callable[[], Any]:
+    def autocast_encoder(encoder: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``encoder`` under the run's autocast, which the stored low-precision frozen weights need."""
+
+        def run(inputs: torch.Tensor) -> torch.Tensor:
+            with autocast(device, precision):
+                return encoder(inputs)
+
+        return run
+
+    encode_image, encode_text = autocast_encoder(model.encode_image), autocast_encoder(model.encode_text)
+    image_flops = count_flops(encode_image, batch.images[:1])
+    text_flops = count_flops(encode_text, batch.caption_ids[:1])
+
+    def timed(encoder: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> Callable[[], Any]:
         def run() -> None:
-            with torch.no_grad(), autocast(device, precision):
+            with torch.no_grad():
                 encoder(inputs)
 
         return run
 
-    image_seconds = _median_seconds(encode(model.encode_image, batch.images), device, steps, warmup)
-    text_seconds = _median_seconds(encode(model.encode_text, batch.caption_ids), device, steps, warmup)
+    image_seconds = _median_seconds(timed(encode_image, batch.images), device, steps, warmup)
+    text_seconds = _median_seconds(timed(encode_text, batch.caption_ids), device, steps, warmup)
     return ProfileResult(
         label=label or config.method,
         method=config.method,

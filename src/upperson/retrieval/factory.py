@@ -16,7 +16,7 @@ import torch
 from upperson.adapter_file import load_adapter
 from upperson.config import DataConfig, RunConfig
 from upperson.methods import RetrievalModel, create_model
-from upperson.training.loop import resolve_device
+from upperson.runtime import resolve_device
 
 
 def build_inference_model(
@@ -41,7 +41,7 @@ def build_inference_model(
     if adapter is not None:
         load_adapter(model, adapter, allow_other_backbone_weights=allow_other_backbone_weights)
     elif model.trainable_state_dict():
-        raise ValueError(f"an adapter file is required for method {config.method!r} (only zero-shot runs without one)")
+        raise ValueError(f"--adapter is required for method {config.method!r}: give the adapter file it trained (only zero-shot runs without one)")
     model.merge_lora()
     target = device if isinstance(device, torch.device) else resolve_device(device or config.device)
     return model.eval().to(target)

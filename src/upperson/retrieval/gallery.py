@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from upperson.data.datasets import IMAGE_ERRORS, read_image
 from upperson.data.transforms import build_transforms
-from upperson.evaluation.evaluate import Progress, _SilentProgress, autocast
 from upperson.methods import RetrievalModel
 from upperson.retrieval.factory import build_inference_model, inference_config
+from upperson.runtime import Progress, SilentProgress, autocast, resolve_precision
 from upperson.tokenizer import tokenize
 from upperson.version import __version__
 
@@ -108,13 +108,15 @@ class GalleryIndex:
             adapter: the adapter file loaded onto ``model``, recorded (path + SHA-256) for search.
             config_path: the run config, recorded for reference.
             image_size: ``(height, width)`` of the test transform; default the backbone's.
-            precision: autocast for encoding, ``fp32``/``bf16``/``fp16``.
+            precision: autocast for encoding, ``fp32``/``bf16``/``fp16``, or ``auto`` (resolved for
+                ``device``; the index records the precision used).
         """
         root = Path(image_dir).resolve()
         out = Path(out_dir).resolve()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         size = tuple(image_size or model.backbone_spec.image_size)
+        precision = resolve_precision(precision, torch.device(device))
         metadata = index_metadata(model, size, adapter, config_path, precision)
         current = {path: _file_stat(root / path) for path in find_images(root, exclude=out)}
         previous, previous_skipped = _reusable_entries(out, root, metadata)
@@ -355,7 +357,7 @@ def _encode_images(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     features: dict[str, torch.Tensor] = {}
     skipped: list[dict[str, str]] = []
-    bar = (progress or _SilentProgress)(total=len(paths), desc="gallery images", unit="image", leave=False)
+    bar = (progress or SilentProgress)(total=len(paths), desc="gallery images", unit="image", leave=False)
     for batch in loader:
         for row, error in batch["errors"]:
             logger.warning("skipping unreadable image %s (%s)", root / paths[row], error)

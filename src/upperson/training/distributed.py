@@ -1,4 +1,4 @@
-"""Multi-process training under ``torchrun``: which process this is, and the process group's lifetime.
+"""Multi-process training under ``torchrun``: which process this is, the process group's lifetime, DDP.
 
 ``torchrun`` starts one process per GPU and tells each its place through the ``WORLD_SIZE``,
 ``RANK`` and ``LOCAL_RANK`` environment variables (plus ``MASTER_ADDR`` / ``MASTER_PORT`` for the
@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from upperson.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +66,18 @@ def resolve_distributed_device(name: str, env: DistributedEnv) -> torch.device:
     """
     if name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", env.local_rank)
-    if name == "auto":
-        return torch.device("cpu")
-    if name == "cuda":
-        raise ValueError("device 'cuda' was requested but CUDA is not available")
     if name.startswith("cuda:"):
         raise ValueError(f"device {name!r} under torchrun: use 'auto' or 'cuda' (each rank takes cuda:LOCAL_RANK)")
-    return torch.device(name)
+    return resolve_device(name)
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``module`` in DistributedDataParallel on this rank's device (call after the process group is up).
+
+    Wrap last, after every PETL module is injected and the frozen weights are stored: DDP registers
+    the parameters that require gradients when it is built.
+    """
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 @contextmanager

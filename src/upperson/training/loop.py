@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -13,22 +10,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import upperson
-from upperson._io import atomic_path
 from upperson.config import RunConfig, save_config
 from upperson.data import check_dataset, load_dataset
 from upperson.data.datasets import ImageTextDataset, collate_skip_none
 from upperson.data.records import RetrievalDataset
 from upperson.data.samplers import build_train_sampler
 from upperson.data.transforms import build_transforms
-from upperson.evaluation.evaluate import Progress, _SilentProgress, autocast, evaluate_with_config
-from upperson.methods import RetrievalModel, create_model
+from upperson.evaluation.evaluate import evaluate_with_config
+from upperson.methods import RetrievalModel
+from upperson.runtime import Progress, SilentProgress, epoch_seed, resolve_device, resolve_precision, seed_everything
 from upperson.training.checkpoint import (
     BEST_ADAPTER,
     LAST_ADAPTER,
@@ -45,15 +39,11 @@ from upperson.training.distributed import (
     process_group,
     resolve_distributed_device,
 )
-from upperson.training.objective import TrainingObjective
-from upperson.training.schedule import build_optimizer, build_scheduler
+from upperson.training.history import CONFIG_FILE, append_history, log_to_file, write_metrics
+from upperson.training.step import TrainingParts, backward, build_training, loss_terms, optimizer_step
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.csv"
-LOG_FILE = "train_log.txt"
 TEST_SELECTION_LABEL = "selected on the TEST split (papers' protocol; optimistic)"
 
 
@@ -74,165 +64,8 @@ class TrainResult:
     """``trainable``, ``total`` and ``loss_head`` (ID classifier and MLM head) parameter counts."""
 
 
-@dataclass
-class TrainingParts:
-    """Everything one optimizer step touches; built identically for a fresh and a resumed run."""
-
-    model: RetrievalModel
-    objective: TrainingObjective
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    wrapped: DistributedDataParallel | None = None
-    """Under torchrun: model + objective as one DDP module whose forward is :func:`loss_terms`."""
-
-    def parameter_counts(self) -> dict[str, int]:
-        """Trainable and total counts including the loss heads, as the paper's Table X counts SDM + ID (+ MLM)."""
-        report = self.model.parameter_report()
-        head = self.objective.num_parameters()
-        return {"trainable": report.trainable + head, "total": report.total + head, "loss_head": head}
-
-
-class LossStep(nn.Module):
-    """The model and the loss heads as one module whose forward returns the loss terms.
-
-    This is what DistributedDataParallel wraps: every encoder call of a step (also the MLM path's
-    token encoders, which bypass the model's ``forward``) runs inside DDP's forward, so the
-    gradients of the adapters and of the loss heads (ID classifier, MLM head) are averaged over
-    the ranks in the same backward pass. Frozen backbone tensors have ``requires_grad=False``
-    and are not synchronised.
-    """
-
-    def __init__(self, model: RetrievalModel, objective: TrainingObjective) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        caption_ids: torch.Tensor,
-        pids: torch.Tensor,
-        precision: str,
-        mlm_ids: torch.Tensor | None = None,
-        mlm_labels: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        return _loss_terms(self.model, self.objective, images, caption_ids, pids, precision, mlm_ids, mlm_labels)
-
-
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def build_training(
-    config: RunConfig,
-    num_train_ids: int,
-    device: torch.device,
-    distributed: DistributedEnv | None = None,
-    low_precision_frozen: bool = False,
-) -> TrainingParts:
-    """The model, loss head, optimizer, scheduler and grad scaler of a run (call after seeding).
-
-    ``low_precision_frozen``: under bf16/fp16 autocast, store the frozen matmul weights in that dtype
-    (:meth:`RetrievalModel.store_frozen_matmul_weights`: same outputs, faster steps, less memory);
-    the Trainer sets it, callers that run the model outside autocast must not.
-
-    With a multi-process ``distributed`` (process group initialised) the model and loss heads are
-    also wrapped in DistributedDataParallel (``parts.wrapped``), which :func:`loss_terms` then
-    calls; ``parts.model`` stays the unwrapped model, so adapter keys do not change.
-    """
-    model = create_model(
-        config.method, backbone=config.backbone, image_size=config.data.image_size, config=config.method_config()
-    ).to(device)
-    model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
-    if low_precision_frozen and config.train.precision in LOW_PRECISION:
-        model.store_frozen_matmul_weights(LOW_PRECISION[config.train.precision])
-    objective = TrainingObjective(
-        config.train.losses,
-        model.backbone_spec.embed_dim,
-        num_train_ids,
-        config.train.temperature,
-        vocab_size=model.clip.token_embedding.num_embeddings,
-    ).to(device)
-    optimizer = build_optimizer(model, config.optim, head=objective, head_lr_factor=config.train.id_lr_factor)
-    scheduler = build_scheduler(optimizer, config.optim, config.train.epochs)
-    scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
-    wrapped = None
-    if distributed is not None and distributed.enabled:
-        wrapped = DistributedDataParallel(LossStep(model, objective), device_ids=[device.index] if device.type == "cuda" else None)
-    return TrainingParts(model, objective, optimizer, scheduler, scaler, wrapped)
-
-
-def loss_terms(
-    parts: TrainingParts,
-    images: torch.Tensor,
-    caption_ids: torch.Tensor,
-    pids: torch.Tensor,
-    precision: str,
-    mlm_ids: torch.Tensor | None = None,
-    mlm_labels: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Encode a batch under autocast and evaluate each selected loss (in fp32) on the features.
-
-    With the MLM loss the images are encoded once, to all tokens, and the image feature is their
-    CLS row; the masked caption is encoded to all tokens too, and when it is the caption SDM sees
-    (caption masking on, as in the official code) its EOT row is the text feature.
-
-    Under DDP (``parts.wrapped``) the losses see this rank's batch only, as in the official DDP
-    path; the backward pass then averages the gradients over the ranks.
-    """
-    if parts.wrapped is not None:
-        return parts.wrapped(images, caption_ids, pids, precision, mlm_ids=mlm_ids, mlm_labels=mlm_labels)
-    return _loss_terms(parts.model, parts.objective, images, caption_ids, pids, precision, mlm_ids, mlm_labels)
-
-
-def _loss_terms(
-    model: RetrievalModel,
-    objective: TrainingObjective,
-    images: torch.Tensor,
-    caption_ids: torch.Tensor,
-    pids: torch.Tensor,
-    precision: str,
-    mlm_ids: torch.Tensor | None,
-    mlm_labels: torch.Tensor | None,
-) -> dict[str, torch.Tensor]:
-    mlm_head = objective.mlm
-    if mlm_head is None:
-        with autocast(images.device, precision):
-            image_features, text_features = model(images, caption_ids)
-        return objective(image_features, text_features, pids)
-    if mlm_ids is None or mlm_labels is None:
-        raise ValueError("train.losses includes 'mlm': the batch needs mlm_ids and mlm_labels (ImageTextDataset(mlm=True))")
-    with autocast(images.device, precision):
-        image_tokens = model.encode_image_tokens(images)  # [B, 1 + patches, D]
-        text_tokens = model.encode_text_tokens(mlm_ids)  # [B, L, D]
-        if torch.equal(mlm_ids, caption_ids):
-            text_features = text_tokens[torch.arange(len(caption_ids), device=caption_ids.device), caption_ids.argmax(dim=-1)]
-        else:
-            text_features = model.encode_text(caption_ids)
-        mlm_logits = mlm_head(text_tokens, image_tokens)  # [B, L, vocab]
-    return objective(image_tokens[:, 0], text_features, pids, mlm_logits=mlm_logits, mlm_labels=mlm_labels)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Derive numpy/random seeds from the torch seed the DataLoader gave this worker."""
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-
-
 def default_run_dir(config: RunConfig) -> Path:
+    """``output_dir/run_name``, or a name from the dataset, method and start time."""
     name = config.run_name or f"{config.data.dataset}-{config.method}-{datetime.now():%Y%m%d-%H%M%S}"
     return Path(config.output_dir) / name
 
@@ -263,14 +96,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.distributed = distributed or DistributedEnv.from_environment()
         self.is_main = self.distributed.is_main
-        self.progress = (progress or _SilentProgress) if self.is_main else _SilentProgress
+        self.progress = (progress or SilentProgress) if self.is_main else SilentProgress
         world = self.distributed.world_size
         if self.distributed.enabled:
             self.device = resolve_distributed_device(config.device, self.distributed)
         else:
             self.device = resolve_device(config.device)
-        if config.train.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        resolve_precision(config.train.precision, self.device)  # fails fast on fp16 without CUDA
         if config.train.batch_size % (world * config.train.grad_accumulation):
             raise ValueError(
                 f"train.batch_size ({config.train.batch_size}) is the global batch: it must be divisible by the "
@@ -288,20 +120,19 @@ class Trainer:
     def _fit(self, resume: bool, stop_after_epochs: int | None) -> TrainResult | None:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = self._attach_log_file() if self.is_main else None
-        try:
+        with log_to_file(self.run_dir) if self.is_main else nullcontext():
             if not resume and self.is_main:
                 save_config(config, self.run_dir / CONFIG_FILE)
             seed_everything(config.train.seed)
             dataset = self._load_validated_dataset()
-            parts = build_training(config, dataset.num_train_ids, self.device, self.distributed, low_precision_frozen=True)
+            parts = build_training(config, dataset.num_train_ids, self.device, self.distributed)
             if not parts.model.trainable_state_dict():
                 raise ValueError(f"method {config.method!r} has nothing to train; evaluate it with `upperson eval --config ...`")
             counts = parts.parameter_counts()
             logger.info(
-                "trainable %s of %s parameters (%.2f %%; loss head %s); losses %s",
+                "trainable %s of %s parameters (%.2f %%; loss head %s); losses %s; precision %s (train.precision %s) on %s",
                 f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"],
-                f"{counts['loss_head']:,}", "+".join(config.train.losses),
+                f"{counts['loss_head']:,}", "+".join(config.train.losses), parts.precision, config.train.precision, self.device,
             )
             state = TrainingState(0, None, None)
             if resume:
@@ -333,19 +164,6 @@ class Trainer:
                     return None
             result = self._final_report(parts.model, dataset, selection, state, counts) if self.is_main else None
             return broadcast_from_main(result, self.distributed)
-        finally:
-            if handler is not None:
-                logging.getLogger("upperson").removeHandler(handler)
-                handler.close()
-
-    def _attach_log_file(self) -> logging.Handler:
-        handler = logging.FileHandler(self.run_dir / LOG_FILE)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-        package_logger = logging.getLogger("upperson")
-        package_logger.addHandler(handler)
-        if package_logger.getEffectiveLevel() > logging.INFO:
-            package_logger.setLevel(logging.INFO)
-        return handler
 
     def _load_validated_dataset(self) -> RetrievalDataset:
         data = self.config.data
@@ -367,7 +185,7 @@ class Trainer:
 
     def _augmentation_seed(self, epoch: int) -> int:
         """Seed of this rank's augmentation and worker RNGs in ``epoch`` (rank 0 = the single-process seed)."""
-        return (self.config.train.seed + self.distributed.rank) * 100_003 + epoch
+        return epoch_seed(self.config.train.seed + self.distributed.rank, epoch)
 
     def _train_loader(self, train_set: ImageTextDataset, epoch: int) -> DataLoader:
         config = self.config
@@ -382,10 +200,7 @@ class Trainer:
             rank=self.distributed.rank,
             num_instances=config.data.num_instances,
         )
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        if hasattr(sampler, "generator") and sampler.generator is not None:
-            sampler.generator.manual_seed(config.train.seed * 100_003 + epoch)
+        sampler.set_epoch(epoch)  # the sampler seeds itself from (seed, epoch)
         train_set.set_epoch(epoch)
         return DataLoader(
             train_set,
@@ -394,14 +209,13 @@ class Trainer:
             num_workers=config.data.num_workers,
             collate_fn=collate_skip_none,
             drop_last=config.data.drop_last,
-            worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(self._augmentation_seed(epoch)),
             pin_memory=self.device.type == "cuda",
         )
 
     def _train_epoch(self, parts: TrainingParts, train_set: ImageTextDataset, epoch: int) -> None:
         config = self.config
-        model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
+        model, optimizer = parts.model, parts.optimizer
         torch.manual_seed(self._augmentation_seed(epoch))  # augmentation in the main process
         loader = self._train_loader(train_set, epoch)
         accumulation = config.train.grad_accumulation
@@ -409,7 +223,7 @@ class Trainer:
         lr = optimizer.param_groups[0]["lr"]
         bar = self.progress(total=len(loader), desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch")
         started, seen, running_loss, steps = time.perf_counter(), 0, 0.0, 0
-        running_terms = dict.fromkeys(config.train.losses, 0.0)
+        running_terms: dict[str, float] = {}  # the configured losses, then the method's own terms
         optimizer.zero_grad(set_to_none=True)
         for index, batch in enumerate(loader):
             if batch is None:
@@ -423,21 +237,16 @@ class Trainer:
             stepping = (index + 1) % accumulation == 0 or index + 1 == len(loader)
             # gradients are averaged over the ranks only in the backward pass before an optimizer step
             with parts.wrapped.no_sync() if parts.wrapped is not None and not stepping else nullcontext():
-                terms = loss_terms(parts, images, caption_ids, pids, config.train.precision, **mlm)
+                terms = loss_terms(parts, images, caption_ids, pids, parts.precision, **mlm)
                 loss = sum(terms.values())
-                (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
+                backward(parts, loss / accumulation)
             if stepping:
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(parts)
             seen += len(pids)
             steps += 1
             running_loss += loss.item()
             for name, term in terms.items():
-                running_terms[name] += term.item()
+                running_terms[name] = running_terms.get(name, 0.0) + term.item()
             rate = seen / (time.perf_counter() - started)
             bar.update(1)
             bar.set_postfix(loss=f"{running_loss / steps:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
@@ -456,7 +265,7 @@ class Trainer:
         if len(running_terms) > 1:
             row.update({f"loss_{name}": total / max(steps, 1) for name, total in running_terms.items()})
         if self.is_main:
-            self._append_history({**row, "lr": lr, "images_per_s": seen / seconds, "seconds": seconds})
+            append_history(self.run_dir, {**row, "lr": lr, "images_per_s": seen / seconds, "seconds": seconds})
 
     def _select(self, model: RetrievalModel, dataset: RetrievalDataset, selection: str | None, state: TrainingState, epoch: int) -> None:
         config = self.config
@@ -465,7 +274,7 @@ class Trainer:
             return
         metrics = self._evaluate(model, dataset, selection)["t2i"]
         logger.info("epoch %d %s: %s", epoch + 1, selection, _format_metrics(metrics))
-        self._append_history({"epoch": epoch + 1, f"{selection}_R1": metrics["R1"], f"{selection}_mAP": metrics["mAP"]})
+        append_history(self.run_dir, {"epoch": epoch + 1, f"{selection}_R1": metrics["R1"], f"{selection}_mAP": metrics["mAP"]})
         if state.best_score is None or metrics["R1"] > state.best_score:
             state.best_score, state.best_epoch = metrics["R1"], epoch + 1
             upperson.save_adapter(model, self.run_dir / BEST_ADAPTER)
@@ -486,21 +295,8 @@ class Trainer:
             best_epoch = state.best_epoch or state.completed_epochs
         test_metrics = self._evaluate(model, dataset, "test", i2t=self.config.eval.i2t)
         logger.info("test (%s, epoch %d): %s", label, best_epoch, _format_metrics(test_metrics["t2i"]))
-        with atomic_path(self.run_dir / METRICS_FILE) as temporary:
-            report = {"selection": label, "best_epoch": best_epoch, "parameters": parameters, **test_metrics}
-            temporary.write_text(json.dumps(report, indent=2))
+        write_metrics(self.run_dir, {"selection": label, "best_epoch": best_epoch, "parameters": parameters, **test_metrics})
         return TrainResult(self.run_dir, best_path, label, best_epoch, test_metrics, parameters)
-
-    def _append_history(self, row: dict[str, Any]) -> None:
-        path = self.run_dir / HISTORY_FILE
-        new_file = not path.exists()
-        with path.open("a", newline="") as handle:
-            writer = csv.writer(handle)
-            if new_file:
-                writer.writerow(["epoch", "key", "value"])
-            epoch = row.pop("epoch")
-            for key, value in row.items():
-                writer.writerow([epoch, key, value])
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:
