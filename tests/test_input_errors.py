@@ -1,0 +1,153 @@
+"""Every bad input becomes one clear error naming the file or field and what to do, raised at load time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from upperson.backbone import BackboneLoadError, load_backbone
+from upperson.backbone.loading import TINY_CONFIG
+from upperson.config import ConfigError, load_config
+
+# --- config value ranges ------------------------------------------------------------------------
+
+BAD_VALUES = [
+    ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
+    ("eval.chunk_size=0", "eval.chunk_size must be >= 1, got 0"),
+    ("train.temperature=0", "train.temperature must be a finite number > 0, got 0.0"),
+    ("train.temperature=-0.02", "train.temperature must be a finite number > 0, got -0.02"),
+    ("data.image_size=[0,0]", "data.image_size must be two integers >= 1 (height, width), got [0, 0]"),
+    ("data.image_size=[-384,128]", "data.image_size must be two integers >= 1 (height, width), got [-384, 128]"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("train.eval_every=0", "train.eval_every must be >= 1, got 0"),
+    ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.grad_accumulation=0", "train.grad_accumulation must be >= 1, got 0"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+    ("data.num_instances=0", "data.num_instances must be >= 1, got 0"),
+    ("data.text_mask_prob=1.0", "data.text_mask_prob must be in [0, 1), got 1.0"),
+    ("data.text_mask_prob=-0.1", "data.text_mask_prob must be in [0, 1), got -0.1"),
+    ("optim.lr=0", "optim.lr must be a finite number > 0, got 0.0"),
+    ("optim.lr=-1e-3", "optim.lr must be a finite number > 0, got -0.001"),
+    ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.adam_eps=0", "optim.adam_eps must be a finite number > 0, got 0.0"),
+    ("optim.betas=[0.9,1.0]", "optim.betas must be two numbers in [0, 1), got [0.9, 1.0]"),
+    ("optim.betas=[-0.1,0.999]", "optim.betas must be two numbers in [0, 1), got [-0.1, 0.999]"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0, got -1"),
+    ("optim.warmup_factor=0", "optim.warmup_factor must be in (0, 1], got 0.0"),
+    ("optim.warmup_factor=1.5", "optim.warmup_factor must be in (0, 1], got 1.5"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
+    ("optim.bias_lr_factor=0", "optim.bias_lr_factor must be a finite number > 0, got 0.0"),
+    ("train.id_lr_factor=0", "train.id_lr_factor must be a finite number > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[override for override, _ in BAD_VALUES])
+def test_out_of_range_values_are_refused_at_load_time_naming_the_field(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert str(caught.value) == f"defaults: {message}"
+
+
+def test_out_of_range_value_in_a_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("eval:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: eval.batch_size must be >= 1, got 0"
+
+
+def test_boundary_values_are_accepted() -> None:
+    config = load_config(None, [
+        "data.text_mask_prob=0", "data.num_workers=0", "data.num_instances=1", "optim.warmup_epochs=0",
+        "optim.warmup_factor=1", "optim.betas=[0,0.5]", "train.epochs=1", "optim.weight_decay=0",
+    ])
+    assert config.train.epochs == 1 and config.data.num_workers == 0
+
+
+# --- backbones ----------------------------------------------------------------------------------
+
+
+def _one_line_naming(error: BaseException, *parts: str) -> None:
+    message = str(error)
+    assert "\n" not in message and "\x1b" not in message, message
+    for part in parts:
+        assert part in message, (part, message)
+
+
+@pytest.mark.parametrize("size", [(100, 50), (0, 0), (-16, 16), (8, 8)])
+def test_image_size_the_patch_grid_cannot_serve_names_source_size_and_patch(size: tuple[int, int]) -> None:
+    with pytest.raises(BackboneLoadError) as caught:
+        load_backbone("tiny", size)
+    _one_line_naming(caught.value, "tiny", f"{size[0]}x{size[1]}", "patch size 16", "data.image_size")
+
+
+def test_image_size_error_suggests_the_nearest_sizes_that_fit() -> None:
+    with pytest.raises(BackboneLoadError, match="e.g. 96x48"):
+        load_backbone("tiny", (100, 50))
+
+
+def test_image_size_error_names_the_checkpoint_file(tmp_path: Path) -> None:
+    path = tmp_path / "tiny-clip.pt"
+    torch.save(load_backbone("tiny", 224).clip.state_dict(), path)
+    with pytest.raises(BackboneLoadError) as caught:
+        load_backbone(str(path), (385, 128))
+    _one_line_naming(caught.value, str(path), "385x128", "patch size 16")
+
+
+def test_image_size_error_names_the_open_clip_model(tmp_path: Path) -> None:
+    config = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "image_size": 224}}
+    (tmp_path / "upperson-test-tiny-sizes.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "upperson-test-tiny-sizes.json")
+    with pytest.raises(BackboneLoadError) as caught:
+        load_backbone("upperson-test-tiny-sizes", (100, 50))
+    _one_line_naming(caught.value, "upperson-test-tiny-sizes", "100x50", "patch size 16")
+
+
+def _truncated_safetensors(path: Path) -> None:
+    save_file({"weight": torch.zeros(256)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda path: path.write_bytes(b"this is not a safetensors file at all"),
+        lambda path: path.write_bytes(b""),
+        _truncated_safetensors,
+        lambda path: torch.save({"weight": torch.zeros(4)}, path),
+    ],
+    ids=["garbage", "empty", "truncated", "pickle"],
+)
+def test_corrupt_safetensors_backbone_is_one_line_naming_the_file(tmp_path: Path, write) -> None:
+    path = tmp_path / "clip.safetensors"
+    write(path)
+    with pytest.raises(BackboneLoadError) as caught:
+        load_backbone(str(path))
+    _one_line_naming(caught.value, str(path), "safetensors")
+
+
+def test_pickle_with_a_safetensors_name_gets_the_rename_hint(tmp_path: Path) -> None:
+    path = tmp_path / "clip.safetensors"
+    torch.save({"weight": torch.zeros(4)}, path)
+    with pytest.raises(BackboneLoadError, match=r"torch\.save.*\.pt"):
+        load_backbone(str(path))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_pickle_with_code_is_refused_in_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": _RunsCode()}, path)
+    with pytest.raises(BackboneLoadError) as caught:
+        load_backbone(str(path))
+    _one_line_naming(caught.value, str(path), "would call print", "state_dict()")
+    assert "pickle code ran" not in capsys.readouterr().out
