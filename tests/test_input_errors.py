@@ -8,8 +8,12 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from conftest import make_model
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+import upperson
+from upperson import AdapterMismatchError
 from upperson.backbone import BackboneLoadError, load_backbone
 from upperson.backbone.loading import TINY_CONFIG
 from upperson.config import ConfigError, load_config
@@ -151,3 +155,76 @@ def test_pickle_with_code_is_refused_in_one_line_naming_the_file(tmp_path: Path,
         load_backbone(str(path))
     _one_line_naming(caught.value, str(path), "would call print", "state_dict()")
     assert "pickle code ran" not in capsys.readouterr().out
+
+
+# --- adapter files ------------------------------------------------------------------------------
+
+
+def _rewrite_adapter(tmp_path: Path, name: str, metadata_change=None, tensor_change=None) -> Path:
+    """A copy of a fresh adapter file with its metadata or tensors edited by the given functions."""
+    source = upperson.save_adapter(make_model(), tmp_path / "source.safetensors")
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    if metadata_change:
+        metadata_change(metadata)
+    if tensor_change:
+        tensor_change(tensors)
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("key", ["config", "backbone", "method"])
+def test_adapter_without_a_metadata_key_names_file_and_key(tmp_path: Path, key: str) -> None:
+    path = _rewrite_adapter(tmp_path, "no-key.safetensors", metadata_change=lambda metadata: metadata.pop(key))
+    with pytest.raises(AdapterMismatchError) as caught:
+        upperson.load_adapter(make_model(), path)
+    _one_line_naming(caught.value, str(path), f"'{key}'", "missing")
+
+
+@pytest.mark.parametrize(("key", "text"), [("config", "{not json"), ("backbone", "[1, 2]"), ("config", "null")])
+def test_adapter_metadata_that_is_not_a_json_object_names_file_and_key(tmp_path: Path, key: str, text: str) -> None:
+    path = _rewrite_adapter(tmp_path, "bad-json.safetensors", metadata_change=lambda metadata: metadata.update({key: text}))
+    with pytest.raises(AdapterMismatchError) as caught:
+        upperson.load_adapter(make_model(), path)
+    _one_line_naming(caught.value, str(path), f"'{key}'", "JSON object")
+
+
+def test_adapter_of_a_newer_format_asks_to_upgrade(tmp_path: Path) -> None:
+    path = _rewrite_adapter(tmp_path, "future.safetensors", metadata_change=lambda metadata: metadata.update(format_version="2"))
+    with pytest.raises(AdapterMismatchError) as caught:
+        upperson.load_adapter(make_model(), path)
+    _one_line_naming(caught.value, str(path), "newer upperson (format 2)", "upgrade")
+
+
+def test_adapter_with_an_unreadable_format_version_is_refused(tmp_path: Path) -> None:
+    path = _rewrite_adapter(tmp_path, "odd.safetensors", metadata_change=lambda metadata: metadata.update(format_version="one"))
+    with pytest.raises(AdapterMismatchError) as caught:
+        upperson.load_adapter(make_model(), path)
+    _one_line_naming(caught.value, str(path), "format_version", "'one'")
+
+
+def _first_tensor_to(change):
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        name = sorted(tensors)[0]
+        tensors[name] = change(tensors[name])
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda tensor: tensor.to(torch.int64), "torch.int64"),
+        (lambda tensor: torch.full_like(tensor, float("nan")), "NaN or inf"),
+        (lambda tensor: torch.full_like(tensor, float("inf")), "NaN or inf"),
+    ],
+    ids=["int64", "nan", "inf"],
+)
+def test_adapter_tensor_that_is_not_finite_floating_point_is_refused_naming_it(tmp_path: Path, change, problem: str) -> None:
+    path = _rewrite_adapter(tmp_path, "tensors.safetensors", tensor_change=_first_tensor_to(change))
+    name = sorted(make_model().trainable_state_dict())[0]
+    with pytest.raises(AdapterMismatchError) as caught:
+        upperson.load_adapter(make_model(), path)
+    _one_line_naming(caught.value, str(path), name, problem)
