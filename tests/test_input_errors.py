@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -11,9 +12,12 @@ import torch
 from conftest import make_model
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_official import PREFIX, RANK, official_state_dict
 
 import upperson
-from upperson import AdapterMismatchError
+from upperson import AdapterMismatchError, cli
+from upperson.cli import main
+from upperson.training.loop import CONFIG_FILE
 from upperson.backbone import BackboneLoadError, load_backbone
 from upperson.backbone.loading import TINY_CONFIG
 from upperson.config import ConfigError, load_config
@@ -228,3 +232,157 @@ def test_adapter_tensor_that_is_not_finite_floating_point_is_refused_naming_it(t
     with pytest.raises(AdapterMismatchError) as caught:
         upperson.load_adapter(make_model(), path)
     _one_line_naming(caught.value, str(path), name, problem)
+
+
+# --- the CLI: one line per error, exit codes ----------------------------------------------------
+
+
+def _raising(error: BaseException):
+    def handler(*args, **kwargs) -> int:
+        raise error
+
+    return handler
+
+
+def _stderr_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("code", "os_message", "hint"),
+    [
+        (errno.ENOSPC, "No space left on device", "free disk space or write elsewhere"),
+        (errno.EACCES, "Permission denied", "check its permissions or write elsewhere"),
+        (errno.EROFS, "Read-only file system", "the file system is read-only; write elsewhere"),
+    ],
+    ids=["ENOSPC", "EACCES", "EROFS"],
+)
+def test_os_errors_are_one_line_naming_the_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], code: int, os_message: str, hint: str
+) -> None:
+    monkeypatch.setattr(cli, "_info", _raising(OSError(code, os_message, "/x/run")))
+    assert main(["info"]) == 1
+    assert _stderr_lines(capsys) == [f"upperson info: error: /x/run: {os_message}; {hint}"]
+
+
+def test_os_error_without_a_path_keeps_its_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "_info", _raising(FileNotFoundError("adapter file a.safetensors does not exist")))
+    assert main(["info"]) == 1
+    assert _stderr_lines(capsys) == ["upperson info: error: adapter file a.safetensors does not exist"]
+
+
+def test_unexpected_error_is_one_internal_error_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "_info", _raising(RuntimeError("boom\nsecond line")))
+    assert main(["info"]) == 1
+    assert _stderr_lines(capsys) == ["upperson info: internal error: RuntimeError: boom second line (run with -v for the traceback)"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("boom"), ValueError("bad value"), OSError(errno.ENOSPC, "No space left on device", "/x/run")],
+    ids=["unexpected", "expected", "os"],
+)
+def test_verbose_prints_the_traceback_before_the_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception
+) -> None:
+    monkeypatch.setattr(cli, "_info", _raising(error))
+    assert main(["info"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["-v", "info"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.splitlines()[-1].startswith("upperson info: ")
+
+
+def test_ctrl_c_is_one_line_with_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "_info", _raising(KeyboardInterrupt()))
+    assert main(["info"]) == 130
+    assert _stderr_lines(capsys) == ["upperson info: interrupted"]
+
+
+class _InterruptedTrainer:
+    """Stands in for the trainer: writes the run's config like the real one, then gets Ctrl-C."""
+
+    def __init__(self, config, run_dir: Path, **options) -> None:
+        self.run_dir = Path(run_dir)
+
+    def fit(self, resume: bool = False):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text("{}\n")
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_train_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    monkeypatch.setattr(cli, "Trainer", _InterruptedTrainer)
+    run_dir = tmp_path / "given"
+    assert main(["train", "--run-dir", str(run_dir), "--set", "device=cpu"]) == 130
+    assert _stderr_lines(capsys)[-1] == f"upperson train: interrupted; resume with: upperson train --resume {run_dir}"
+    monkeypatch.setattr(cli, "default_run_dir", lambda config: tmp_path / "runs" / "timestamped")
+    assert main(["train", "--set", "device=cpu"]) == 130
+    assert _stderr_lines(capsys)[-1] == f"upperson train: interrupted; resume with: upperson train --resume {tmp_path / 'runs' / 'timestamped'}"
+
+
+def test_ctrl_c_before_a_run_directory_exists_gives_no_resume_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(cli, "load_config", _raising(KeyboardInterrupt()))
+    assert main(["train", "--run-dir", str(tmp_path / "never")]) == 130
+    assert _stderr_lines(capsys) == ["upperson train: interrupted"]
+
+
+def test_usage_errors_still_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--no-such-flag"]) == 2
+    assert main(["convert"]) == 2
+
+
+# --- convert ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def official_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "official.pth"
+    torch.save({"model": official_state_dict(image_size=(64, 32))}, path)
+    return path
+
+
+def _convert(checkpoint: Path, out: Path, *extra: str) -> int:
+    return main(["convert", str(checkpoint), "--out", str(out), "--image-size", "64", "32", *extra])
+
+
+def test_convert_refuses_an_existing_directory_as_out(official_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "adapters"
+    out.mkdir()
+    assert _convert(official_checkpoint, out) == 1
+    assert _stderr_lines(capsys) == [
+        f"upperson convert: error: --out {out} is a directory; give the adapter file to write, e.g. {out / 'adapter.safetensors'}"
+    ]
+    assert _convert(official_checkpoint, out, "--overwrite") == 1
+
+
+def test_convert_never_overwrites_a_file_silently(official_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "adapter.safetensors"
+    out.write_bytes(b"keep me")
+    assert _convert(official_checkpoint, out) == 1
+    assert _stderr_lines(capsys) == [f"upperson convert: error: {out} exists; pass --overwrite to replace it"]
+    assert out.read_bytes() == b"keep me"
+    assert _convert(official_checkpoint, out, "--overwrite") == 0
+    upperson.load_adapter(make_model(prefix_length=PREFIX, lora_rank=RANK), out, allow_other_backbone_weights=True)
+
+
+@pytest.mark.parametrize(("name", "content"), [("broken.pth", b"\x80\x02garbage"), ("broken.safetensors", b"garbage")])
+def test_convert_of_a_corrupt_checkpoint_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes
+) -> None:
+    checkpoint = tmp_path / name
+    checkpoint.write_bytes(content)
+    assert _convert(checkpoint, tmp_path / "a.safetensors") == 1
+    lines = _stderr_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"upperson convert: error: {checkpoint}: ")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_bad_backbone_through_the_cli_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": _RunsCode()}, path)
+    assert main(["info", "--backbone", str(path)]) == 1
+    lines = _stderr_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"upperson info: error: {path}: refused")
