@@ -16,11 +16,11 @@ from test_official import PREFIX, RANK, official_state_dict
 
 import upperson
 from upperson import AdapterMismatchError, cli
-from upperson.cli import main
-from upperson.training.loop import CONFIG_FILE
 from upperson.backbone import BackboneLoadError, load_backbone
 from upperson.backbone.loading import TINY_CONFIG
+from upperson.cli import main
 from upperson.config import ConfigError, load_config
+from upperson.training.loop import CONFIG_FILE
 
 # --- config value ranges ------------------------------------------------------------------------
 
@@ -70,6 +70,14 @@ def test_out_of_range_value_in_a_file_names_the_file(tmp_path: Path) -> None:
     assert str(caught.value) == f"{path}: eval.batch_size must be >= 1, got 0"
 
 
+def test_zero_epochs_is_refused_by_train_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "Trainer", _raising(AssertionError("the trainer must not be built")))
+    assert main(["train", "--set", "train.epochs=0"]) == 1
+    assert _stderr_lines(capsys) == ["upperson train: error: defaults: train.epochs must be >= 1, got 0"]
+
+
 def test_boundary_values_are_accepted() -> None:
     config = load_config(None, [
         "data.text_mask_prob=0", "data.num_workers=0", "data.num_instances=1", "optim.warmup_epochs=0",
@@ -115,6 +123,16 @@ def test_image_size_error_names_the_open_clip_model(tmp_path: Path) -> None:
     with pytest.raises(BackboneLoadError) as caught:
         load_backbone("upperson-test-tiny-sizes", (100, 50))
     _one_line_naming(caught.value, "upperson-test-tiny-sizes", "100x50", "patch size 16")
+
+
+def test_checkpoint_whose_positional_table_is_not_a_square_grid_names_the_file(tmp_path: Path) -> None:
+    state = load_backbone("tiny", 224).clip.state_dict()
+    state["visual.positional_embedding"] = state["visual.positional_embedding"][:-3]  # 1 + 193 rows
+    path = tmp_path / "odd-grid.pt"
+    torch.save(state, path)
+    with pytest.raises(BackboneLoadError) as caught:
+        load_backbone(str(path), (64, 32))
+    _one_line_naming(caught.value, str(path), "square")
 
 
 def _truncated_safetensors(path: Path) -> None:
@@ -211,7 +229,7 @@ def test_adapter_with_an_unreadable_format_version_is_refused(tmp_path: Path) ->
 
 def _first_tensor_to(change):
     def edit(tensors: dict[str, torch.Tensor]) -> None:
-        name = sorted(tensors)[0]
+        name = min(tensors)
         tensors[name] = change(tensors[name])
 
     return edit
@@ -228,7 +246,7 @@ def _first_tensor_to(change):
 )
 def test_adapter_tensor_that_is_not_finite_floating_point_is_refused_naming_it(tmp_path: Path, change, problem: str) -> None:
     path = _rewrite_adapter(tmp_path, "tensors.safetensors", tensor_change=_first_tensor_to(change))
-    name = sorted(make_model().trainable_state_dict())[0]
+    name = min(make_model().trainable_state_dict())
     with pytest.raises(AdapterMismatchError) as caught:
         upperson.load_adapter(make_model(), path)
     _one_line_naming(caught.value, str(path), name, problem)

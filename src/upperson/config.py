@@ -221,7 +221,7 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {rule}, got {_plain(value)!r}")
 
 
-def _at_least(value: int | float, minimum: int, key: str) -> None:
+def _at_least(value: float, minimum: int, key: str) -> None:
     _require(value >= minimum, key, f">= {minimum}", value)
 
 
