@@ -23,6 +23,8 @@ from upperson.version import __version__
 
 FORMAT_NAME = "upperson-adapter"
 FORMAT_VERSION = "1"
+REQUIRED_METADATA = ("method", "config", "backbone")
+"""Metadata keys a file must carry to be checked against a model; ``config`` and ``backbone`` are JSON objects."""
 
 
 class AdapterMismatchError(ValueError):
@@ -52,7 +54,8 @@ def save_adapter(model: RetrievalModel, path: str | os.PathLike[str]) -> Path:
 
 
 def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of an adapter file, validating that it is one."""
+    """Tensors and metadata of an adapter file, validating that it is one: format (not newer than ours), the
+    metadata keys and JSON a model check needs, and finite floating-point tensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} does not exist")
@@ -64,7 +67,47 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         raise AdapterMismatchError(f"{path}: not a readable safetensors file ({error})") from error
     if metadata.get("format") != FORMAT_NAME:
         raise AdapterMismatchError(f"{path}: not an upperson adapter file (metadata 'format' is {metadata.get('format')!r})")
+    _check_format_version(metadata.get("format_version", FORMAT_VERSION), path)
+    for key in REQUIRED_METADATA:
+        if key not in metadata:
+            raise AdapterMismatchError(f"{path}: metadata key {key!r} is missing; the file is damaged or was not written by save_adapter")
+    for key in ("config", "backbone"):
+        _json_object(metadata, key, path)
+    for name, tensor in tensors.items():
+        _check_tensor(name, tensor, path)
     return tensors, metadata
+
+
+def _check_format_version(version: str, path: Path) -> None:
+    """Refuse files of a later format instead of misreading them; earlier formats stay loadable."""
+    if not version.isdigit():
+        raise AdapterMismatchError(f"{path}: metadata format_version {version!r} is not a format number; the file is damaged")
+    if int(version) > int(FORMAT_VERSION):
+        raise AdapterMismatchError(
+            f"{path}: written by a newer upperson (format {version}); upgrade upperson to load it "
+            f"(this is upperson {__version__}, which reads format {FORMAT_VERSION})"
+        )
+
+
+def _json_object(metadata: dict[str, str], key: str, path: Path) -> dict[str, Any]:
+    """A metadata value that holds a JSON object (safetensors metadata is ``str → str``)."""
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as error:
+        raise AdapterMismatchError(f"{path}: metadata {key!r} must be a JSON object, it is not JSON ({error}); the file is damaged") from error
+    if not isinstance(value, dict):
+        raise AdapterMismatchError(f"{path}: metadata {key!r} must be a JSON object, got {type(value).__name__}; the file is damaged")
+    return value
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, path: Path) -> None:
+    """Adapter tensors are finite floats: anything else would be cast silently or poison every feature."""
+    if not tensor.is_floating_point():
+        raise AdapterMismatchError(f"{path}: tensor {name} has dtype {tensor.dtype}, adapter tensors are floating point; the file was altered")
+    if not torch.isfinite(tensor).all():
+        raise AdapterMismatchError(
+            f"{path}: tensor {name} holds NaN or inf values (a diverged run?); use an earlier adapter or retrain"
+        )
 
 
 def load_adapter(
@@ -103,7 +146,7 @@ def load_adapter(
             targets[name].copy_(tensor)
     if was_merged:
         model.merge_lora()
-    return {**metadata, "config": json.loads(metadata["config"]), "backbone": json.loads(metadata["backbone"])}
+    return {**metadata, "config": _json_object(metadata, "config", path), "backbone": _json_object(metadata, "backbone", path)}
 
 
 def _check_compatible(model: RetrievalModel, metadata: dict[str, str], path: Path, allow_other_weights: bool) -> None:
@@ -111,7 +154,7 @@ def _check_compatible(model: RetrievalModel, metadata: dict[str, str], path: Pat
         raise AdapterMismatchError(f"{path}: adapter is for method {metadata.get('method')!r}, the model is {model.method!r}")
     model_config = dataclasses.asdict(model.config)
     defaults = {f.name: f.default for f in dataclasses.fields(model.config) if f.default is not dataclasses.MISSING}
-    file_config = {**defaults, **json.loads(metadata["config"])}  # files from before a field existed
+    file_config = {**defaults, **_json_object(metadata, "config", path)}  # files from before a field existed
     init_only = model.entry.init_only_fields  # the method declares what an adapter file need not match
     differing = sorted(
         key for key in set(file_config) | set(model_config) if file_config.get(key) != model_config.get(key) and key not in init_only
@@ -119,7 +162,7 @@ def _check_compatible(model: RetrievalModel, metadata: dict[str, str], path: Pat
     if differing:
         details = ", ".join(f"{key}: file {file_config.get(key)!r} vs model {model_config.get(key)!r}" for key in differing)
         raise AdapterMismatchError(f"{path}: adapter config differs from the model's ({details}); build the model with the file's config")
-    file_backbone = json.loads(metadata["backbone"])
+    file_backbone = _json_object(metadata, "backbone", path)
     if file_backbone != model.backbone_spec.to_dict():
         raise AdapterMismatchError(
             f"{path}: adapter was trained on backbone architecture {file_backbone}, the model has {model.backbone_spec.to_dict()}"

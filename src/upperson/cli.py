@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +29,7 @@ from upperson.training.distributed import DistributedEnv
 from upperson.training.history import CONFIG_FILE
 from upperson.training.loop import DatasetValidationError, Trainer, default_run_dir
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_INDEX_DIR = ".upperson-index"
 """``upperson index`` writes here inside the image folder unless --out is given (hidden: never scanned)."""
 
@@ -47,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="official UP-Person or CSKT checkpoint → upperson adapter file")
     convert.add_argument("checkpoint", type=Path, help="official .pth (the model's state_dict, optionally under 'model')")
     convert.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
+    convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     convert.add_argument("--backbone", help="CLIP the adapter will run on (default: the CLIP weights inside the checkpoint)")
     convert.add_argument("--image-size", nargs=2, type=int, default=(384, 128), metavar=("HEIGHT", "WIDTH"))
     convert.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a method option read from the file, e.g. lambda_init=100 (value syntax as train --set)")
@@ -188,6 +191,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give the adapter file to write, e.g. {args.out / 'adapter.safetensors'}")
+    if args.out.exists() and not args.overwrite:  # checked before the slow import, and never replaced silently
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
     state_dict = read_checkpoint_state_dict(args.checkpoint)
     method = official_method(state_dict)
     config = override_fields(read_official_config(state_dict, method), [pair.removeprefix("model.") for pair in args.set])
@@ -220,6 +227,7 @@ def _train(args: argparse.Namespace) -> int:
     distributed = DistributedEnv.from_environment()
     if distributed.enabled and not args.resume and not args.run_dir and not config.run_name:
         raise ValueError("under torchrun give --run-dir or run_name: the default (timestamped) name can differ between processes")
+    args.run_dir = run_dir  # main's Ctrl-C message names it in its resume hint
     if not distributed.is_main:  # under torchrun only rank 0 reports; the others show warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
         Trainer(config, run_dir, distributed=distributed).fit(resume=bool(args.resume))
@@ -399,7 +407,11 @@ def format_metrics_table(metrics: dict[str, dict[str, float]], label: str = "tas
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage) so tests can call it."""
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage, 130 Ctrl-C) so tests can call it.
+
+    Every error ends in one line ``upperson COMMAND: error: ...`` (or ``internal error`` for a bug); ``-v`` adds
+    the traceback above it.
+    """
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -410,14 +422,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info": _info, "convert": _convert, "train": _train, "eval": _eval, "data": _data, "demo": _demo,
         "ablate": _ablate, "cross-domain": _cross_domain, "profile": _profile, "index": _index, "search": _search,
     }
+    prefix = f"upperson {args.command}"
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:
+        _print_traceback_if(args.verbose)
+        print(f"{prefix}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DatasetValidationError as error:
-        print(f"upperson {args.command}: the dataset would break training:\n{error}", file=sys.stderr)
+        _print_traceback_if(args.verbose)
+        print(f"{prefix}: the dataset would break training:\n{error}", file=sys.stderr)
         return EXIT_FAILURE
-    except (BackboneLoadError, upperson.AdapterMismatchError, FileNotFoundError, ValueError, TypeError, MissingSplitError) as error:
-        print(f"upperson {args.command}: error: {error}", file=sys.stderr)
+    except OSError as error:  # before ValueError & co.: FileNotFoundError is one too
+        _print_traceback_if(args.verbose)
+        print(f"{prefix}: error: {_os_error_line(error)}", file=sys.stderr)
         return EXIT_FAILURE
+    except (BackboneLoadError, upperson.AdapterMismatchError, ValueError, TypeError, MissingSplitError) as error:
+        _print_traceback_if(args.verbose)
+        print(f"{prefix}: error: {_one_line(str(error))}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as error:  # a bug, not a bad input: say so, and how to see where
+        _print_traceback_if(args.verbose)
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        print(f"{prefix}: internal error: {type(error).__name__}: {_one_line(str(error))}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "free disk space or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded; free space or write elsewhere",
+    errno.EACCES: "check its permissions or write elsewhere",
+    errno.EPERM: "check its permissions or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "give a file, not a directory",
+    errno.ENOTDIR: "a parent of the path is a file, not a directory",
+}
+
+
+def _os_error_line(error: OSError) -> str:
+    """``PATH: OS message; what to do`` for errors with a path, the message itself for the library's own."""
+    if error.filename is None or error.strerror is None:
+        return _one_line(str(error))
+    hint = _OS_ERROR_HINTS.get(error.errno, "check the path")
+    return f"{error.filename}: {error.strerror}; {hint}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _print_traceback_if(verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted ``train``: known once ``_train`` has chosen the run directory and the
+    run has written its config there (``--resume`` reads it); empty for other commands."""
+    run_dir = getattr(args, "resume", None) or getattr(args, "run_dir", None)
+    if args.command != "train" or run_dir is None or not (Path(run_dir) / CONFIG_FILE).is_file():
+        return ""
+    return f"; resume with: upperson train --resume {run_dir}"
 
 
 def entry_point() -> None:

@@ -17,6 +17,7 @@ written twice in one YAML mapping is an error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from dataclasses import dataclass, field
@@ -58,6 +59,15 @@ class DataConfig:
     verify_images: bool = True
     """Open every image once before training (fails fast on corrupt files)."""
 
+    def __post_init__(self) -> None:
+        _require(
+            len(self.image_size) == 2 and all(side >= 1 for side in self.image_size),
+            "data.image_size", "two integers >= 1 (height, width)", self.image_size,
+        )
+        _require(0.0 <= self.text_mask_prob < 1.0, "data.text_mask_prob", "in [0, 1)", self.text_mask_prob)
+        _at_least(self.num_instances, 1, "data.num_instances")
+        _at_least(self.num_workers, 0, "data.num_workers")
+
 
 @dataclass
 class OptimConfig:
@@ -79,6 +89,16 @@ class OptimConfig:
     """Linear warm-up epochs."""
     warmup_factor: float = 0.1
     """Learning-rate multiplier at the first epoch."""
+
+    def __post_init__(self) -> None:
+        _positive(self.lr, "optim.lr")
+        _at_least(self.weight_decay, 0, "optim.weight_decay")
+        _at_least(self.weight_decay_bias, 0, "optim.weight_decay_bias")
+        _positive(self.bias_lr_factor, "optim.bias_lr_factor")
+        _positive(self.adam_eps, "optim.adam_eps")
+        _require(len(self.betas) == 2 and all(0.0 <= beta < 1.0 for beta in self.betas), "optim.betas", "two numbers in [0, 1)", self.betas)
+        _at_least(self.warmup_epochs, 0, "optim.warmup_epochs")
+        _require(0.0 < self.warmup_factor <= 1.0, "optim.warmup_factor", "in (0, 1]", self.warmup_factor)
 
 
 @dataclass
@@ -122,8 +142,10 @@ class TrainConfig:
             raise ConfigError(f"train.losses: unknown loss(es) {unknown}; choose from {', '.join(LOSS_NAMES)}")
         if len(set(self.losses)) != len(self.losses):
             raise ConfigError(f"train.losses lists a loss twice: {list(self.losses)}")
-        if self.id_lr_factor <= 0:
-            raise ConfigError(f"train.id_lr_factor must be > 0, got {self.id_lr_factor}")
+        _positive(self.id_lr_factor, "train.id_lr_factor")
+        for name in ("epochs", "batch_size", "grad_accumulation", "eval_every", "log_every"):
+            _at_least(getattr(self, name), 1, f"train.{name}")
+        _positive(self.temperature, "train.temperature")
 
 
 @dataclass
@@ -136,6 +158,10 @@ class EvalConfig:
     """Also report image-to-text retrieval."""
     chunk_size: int = 1024
     """Query rows ranked at a time (bounds memory)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self.batch_size, 1, "eval.batch_size")
+        _at_least(self.chunk_size, 1, "eval.chunk_size")
 
 
 @dataclass
@@ -187,6 +213,21 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """The one range error every section gives (``eval.batch_size must be >= 1, got 0``), raised at load
+    time instead of as a ZeroDivisionError or an untrained run much later."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {_plain(value)!r}")
+
+
+def _at_least(value: float, minimum: int, key: str) -> None:
+    _require(value >= minimum, key, f">= {minimum}", value)
+
+
+def _positive(value: float, key: str) -> None:
+    _require(math.isfinite(value) and value > 0, key, "a finite number > 0", value)
 
 
 def _plain(value: Any) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,22 +159,57 @@ def read_checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except OSError:
+            raise  # missing or unreadable file: the CLI names the path and the OS reason
+        except Exception as error:  # safetensors raises its own SafetensorError for bad headers and short files
+            raise BackboneLoadError(f"{path}: not a valid safetensors file ({_one_line(error)}); {_safetensors_hint(path)}") from error
     elif _is_torchscript_archive(path):
         try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as error:
-            raise BackboneLoadError(f"{path}: TorchScript archive could not be loaded ({error})") from error
+            raise BackboneLoadError(f"{path}: TorchScript archive could not be loaded ({_one_line(error)}); re-download the file") from error
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise  # missing or unreadable file: the CLI names the path and the OS reason
         except Exception as error:  # torch raises several types for unreadable or unsafe files
-            raise BackboneLoadError(
-                f"{path}: not readable as a weights-only checkpoint ({type(error).__name__}: {error}). "
-                "Expected an OpenAI CLIP .pt file, a torch.save'd state dict or a .safetensors file; "
-                "re-save full pickled models with torch.save(model.state_dict(), path)."
-            ) from error
+            raise BackboneLoadError(f"{path}: {_torch_load_problem(error)}") from error
     return _unwrap_state_dict(state, path)
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (torch and safetensors messages span several, with colours)."""
+    return " ".join(_ANSI_ESCAPE.sub("", str(error)).split()) or type(error).__name__
+
+
+def _torch_load_problem(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line with what to do."""
+    unsafe = _UNSAFE_GLOBAL.search(str(error))
+    if unsafe:
+        return (
+            f"refused: unpickling it would call {unsafe.group(1).rstrip('.,')}, and upperson never runs code from a "
+            "checkpoint. If you trust the file, re-save its weights with torch.save(model.state_dict(), path)"
+        )
+    return (
+        f"not readable as a weights-only checkpoint ({type(error).__name__}: {_one_line(error)}). Expected an OpenAI "
+        "CLIP .pt file, a torch.save'd state dict or a .safetensors file; re-download it if it is truncated"
+    )
+
+
+def _safetensors_hint(path: Path) -> str:
+    """What to do about a ``.safetensors`` file safetensors cannot read; pickles under that name are common."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "it is a torch.save/pickle file with a .safetensors name: rename it to .pt"
+    return "it is truncated or not a safetensors file; re-download or re-export it"
 
 
 def _unwrap_state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -203,17 +239,30 @@ def _as_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(height), int(width))
 
 
+def _check_image_size(image_size: tuple[int, int], patch: int, origin: str) -> None:
+    """Refuse sizes the positional embedding cannot serve (it is resized to a whole patch grid) before any build."""
+    height, width = image_size
+    if height >= patch and width >= patch and not height % patch and not width % patch:
+        return
+
+    def nearest(side: int) -> int:
+        return max(patch, round(side / patch) * patch)
+
+    raise BackboneLoadError(
+        f"{origin}: image size {height}x{width} does not fit the backbone's patch size {patch}; height and width must be "
+        f"positive multiples of {patch} (e.g. {nearest(height)}x{nearest(width)}): set data.image_size or --image-size"
+    )
+
+
 def _build_tiny(image_size: tuple[int, int]) -> CLIP:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        return _build_clip(TINY_CONFIG, image_size)
+        return _build_clip(TINY_CONFIG, image_size, "'tiny'")
 
 
-def _build_clip(model_config: dict[str, Any], image_size: tuple[int, int]) -> CLIP:
+def _build_clip(model_config: dict[str, Any], image_size: tuple[int, int], origin: str) -> CLIP:
     vision_cfg = dict(model_config["vision_cfg"])
-    patch = vision_cfg["patch_size"]
-    if image_size[0] % patch or image_size[1] % patch:
-        raise BackboneLoadError(f"image size {image_size} must be divisible by the patch size {patch}")
+    _check_image_size(image_size, vision_cfg["patch_size"], origin)
     vision_cfg["image_size"] = image_size
     return CLIP(
         embed_dim=model_config["embed_dim"],
@@ -264,7 +313,7 @@ def _build_from_checkpoint_file(path: Path, image_size: tuple[int, int]) -> CLIP
 
 def _build_from_openai_state_dict(state_dict: dict[str, torch.Tensor], image_size: tuple[int, int], origin: str) -> CLIP:
     state_dict = {key: value for key, value in state_dict.items() if key not in _NON_WEIGHT_KEYS}
-    clip = _build_clip(_openai_config(state_dict, origin), image_size)
+    clip = _build_clip(_openai_config(state_dict, origin), image_size, origin)
     _load_resized(clip, state_dict, origin)
     return clip
 
@@ -283,6 +332,9 @@ def _build_from_open_clip_name(source: str, image_size: tuple[int, int]) -> CLIP
             f"backbone {source!r} is neither an existing checkpoint file, 'tiny', nor an open_clip model "
             "name (e.g. 'ViT-B-16:openai', 'ViT-B-16:laion2b_s34b_b88k', 'ViT-L-14:/path/weights.bin')"
         )
+    patch = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("patch_size")
+    if isinstance(patch, int):  # ResNet CLIPs have none; they are refused once built
+        _check_image_size(image_size, patch, repr(source))
     force_quick_gelu = pretrained == "openai"
     clip = open_clip.create_model(name, force_image_size=image_size, force_quick_gelu=force_quick_gelu)
     if not isinstance(clip, CLIP):
@@ -302,11 +354,14 @@ def _load_resized(clip: CLIP, state_dict: dict[str, torch.Tensor], origin: str) 
     state_dict = dict(state_dict)
     pos_key = "visual.positional_embedding"
     if state_dict[pos_key].shape != clip.visual.positional_embedding.shape:
-        state_dict[pos_key] = resize_visual_pos_embed(state_dict[pos_key].float(), clip.visual.grid_size)
+        try:
+            state_dict[pos_key] = resize_visual_pos_embed(state_dict[pos_key].float(), clip.visual.grid_size)
+        except ValueError as error:  # not a CLS + square grid table
+            raise BackboneLoadError(f"{origin}: {error}") from error
     try:
         result = clip.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise BackboneLoadError(f"{origin}: checkpoint tensors do not fit the CLIP architecture: {error}") from error
+        raise BackboneLoadError(f"{origin}: checkpoint tensors do not fit the CLIP architecture: {_one_line(error)}") from error
     if result.missing_keys or result.unexpected_keys:
         raise BackboneLoadError(
             f"{origin}: checkpoint does not match the CLIP architecture read from it; "
