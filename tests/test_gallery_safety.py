@@ -267,15 +267,17 @@ def test_symlinks_that_dangle_loop_or_leave_the_root_are_skipped_and_listed(
     (photos / "alias.png").symlink_to(photos / "a.jpg")  # stays inside: indexed
     (photos / "ext").symlink_to(outside, target_is_directory=True)
     (photos / "trip" / "up").symlink_to(photos, target_is_directory=True)  # a folder loop
+    os.mkfifo(photos / "pipe.jpg")  # reading it would block forever
     index = _build(model, photos, tmp_path / "index", run)
     assert index.paths == ["a.jpg", "alias.png", "b.png", "trip/c.png", "trip/d.jpg"]
     reasons = {entry["path"]: entry["error"] for entry in index.skipped}
-    assert set(reasons) == {"dangling.jpg", "loop1.png", "loop2.png", "escape.png", "ext", "trip/up"}
+    assert set(reasons) == {"dangling.jpg", "loop1.png", "loop2.png", "escape.png", "ext", "trip/up", "pipe.jpg"}
     assert reasons["dangling.jpg"].startswith("dangling symlink")
     assert reasons["loop1.png"].startswith("symlink loop") and reasons["loop2.png"].startswith("symlink loop")
     assert reasons["escape.png"] == f"symlink to {outside / 'x.png'}, outside the gallery"
     assert reasons["ext"] == f"symlink to {outside}, outside the gallery"
     assert reasons["trip/up"].startswith("folder symlink")
+    assert reasons["pipe.jpg"].startswith("not a regular file")
     assert GalleryIndex.load(tmp_path / "index").skipped == index.skipped
 
 

@@ -391,7 +391,7 @@ def _read_caption_dataset(spec: _CaptionFormat, root: str | Path, problems: list
         if data.image_paths:
             splits[split] = data
     _check_across_records([*images.values(), *eval_images], directory, sink)
-    _check_queries(splits, {split: path.name for split, path in zip(EVAL_SPLITS, eval_paths)}, empty_captions, sink)
+    _check_queries(splits, {split: path.name for split, path in zip(EVAL_SPLITS, eval_paths, strict=True)}, empty_captions, sink)
     sink.log_warnings()
     return RetrievalDataset(spec.name, directory, train, splits, tuple(paths))
 

@@ -28,7 +28,7 @@ import os
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -271,7 +271,7 @@ class GalleryFiles:
     images: list[str]
     """Relative POSIX paths of the images to index, sorted."""
     skipped: list[dict[str, str]]
-    """``{"path", "error"}`` of the symlinks not followed, sorted by path."""
+    """``{"path", "error"}`` of the symlinks not followed and special files, sorted by path."""
 
 
 def find_images(root: Path, exclude: Path | None = None) -> GalleryFiles:
@@ -280,7 +280,8 @@ def find_images(root: Path, exclude: Path | None = None) -> GalleryFiles:
     Hidden files and folders are skipped: they hold atomic-write temporaries, OS thumbnails and the
     default index folder, never gallery images. Folder symlinks are never followed (one inside the
     gallery would index its images twice, or loop; one outside reads outside the gallery); file
-    symlinks are indexed when they resolve to a file inside ``root``. The others are listed.
+    symlinks are indexed when they resolve to a regular file inside ``root``. The others, and
+    special files such as pipes, are listed as skipped.
     """
     images: list[str] = []
     skipped: list[dict[str, str]] = []
@@ -291,14 +292,19 @@ def find_images(root: Path, exclude: Path | None = None) -> GalleryFiles:
         folders[:] = [name for name in visible if name not in links]
         for name in links:
             target = (here / name).resolve()
-            where = "outside the gallery" if not target.is_relative_to(root) else "not followed (folder symlinks never are)"
-            skipped.append({"path": (here / name).relative_to(root).as_posix(), "error": f"{_symlink_label(target, root)}, {where}"})
+            reason = (
+                f"folder symlink to {target}, not followed (the images there are indexed under their own folder)"
+                if target.is_relative_to(root)
+                else f"symlink to {target}, outside the gallery"
+            )
+            logger.warning("skipping %s: %s", here / name, reason)
+            skipped.append({"path": (here / name).relative_to(root).as_posix(), "error": reason})
         for name in files:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             path = here / name
             relative = path.relative_to(root).as_posix()
-            problem = _symlink_problem(path, root) if path.is_symlink() else None
+            problem = _file_problem(path, root)
             if problem is None:
                 images.append(relative)
             else:
@@ -307,22 +313,19 @@ def find_images(root: Path, exclude: Path | None = None) -> GalleryFiles:
     return GalleryFiles(sorted(images), sorted(skipped, key=lambda entry: entry["path"]))
 
 
-def _symlink_label(target: Path, root: Path) -> str:
-    return f"folder symlink to {target}" if target.is_relative_to(root) else f"symlink to {target}"
-
-
-def _symlink_problem(path: Path, root: Path) -> str | None:
-    """Why the file symlink ``path`` is not indexed, or None when it leads to a file inside ``root``."""
-    try:
-        target = path.resolve(strict=True)
-    except FileNotFoundError:
-        return f"dangling symlink to {os.readlink(path)}"
-    except (OSError, RuntimeError):  # ELOOP; Python < 3.13 raises RuntimeError for symlink loops
-        return f"symlink loop ({path.name} -> {os.readlink(path)})"
-    if not target.is_relative_to(root):
-        return f"symlink to {target}, outside the gallery"
-    if not target.is_file():
-        return f"symlink to {target}, not a file"
+def _file_problem(path: Path, root: Path) -> str | None:
+    """Why the walked file ``path`` is not indexed, or None when it is (or leads to) a regular file inside ``root``."""
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except FileNotFoundError:
+            return f"dangling symlink to {os.readlink(path)}"
+        except (OSError, RuntimeError):  # ELOOP; Python < 3.13 raises RuntimeError for symlink loops
+            return f"symlink loop ({path.name} -> {os.readlink(path)})"
+        if not target.is_relative_to(root):
+            return f"symlink to {target}, outside the gallery"
+    if not path.is_file():
+        return "not a regular file (a pipe or device would block reading)"
     return None
 
 
@@ -540,18 +543,27 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_entries(paths: list[str], root: Path, index_file: Path) -> None:
-    """Every path must be relative, free of ``..`` and resolve (symlinks followed) inside ``root``."""
+    """Every path must be relative, free of ``..`` and resolve (symlinks followed) inside ``root``.
+
+    Each folder is resolved once and each file only when it is a symlink: one ``lstat`` per image.
+    """
     real_root = root.resolve()
+    folder_inside: dict[str, bool] = {}
     for number, path in enumerate(paths):
         problem = None
         if not path:
             problem = "is empty"
-        elif PurePosixPath(path).is_absolute() or Path(path).is_absolute():
+        elif path.startswith("/") or os.path.isabs(path):
             problem = "is absolute"
-        elif ".." in PurePosixPath(path).parts or ".." in Path(path).parts:
+        elif ".." in path.replace(os.sep, "/").split("/"):
             problem = "contains '..'"
-        elif not (real_root / path).resolve().is_relative_to(real_root):
-            problem = f"resolves outside the gallery {real_root} (a symlink?)"
+        else:
+            folder = path.rpartition("/")[0]
+            if folder not in folder_inside:
+                folder_inside[folder] = (real_root / folder).resolve().is_relative_to(real_root)
+            file = os.path.join(real_root, path)
+            if not folder_inside[folder] or (os.path.islink(file) and not Path(file).resolve().is_relative_to(real_root)):
+                problem = f"resolves outside the gallery {real_root} (a symlink?)"
         if problem is not None:
             raise GalleryIndexError(f"tampered or invalid {index_file}: entry {number} path {path!r} {problem}; {_REBUILD}")
 
@@ -640,7 +652,7 @@ def _encode_images(
 def encode_queries(model: RetrievalModel, queries: Sequence[str], device: torch.device, precision: str = "fp32") -> torch.Tensor:
     """``[Q, D]`` L2-normalised float32 text features."""
     queries = list(queries)
-    for query, dropped in zip(queries, dropped_tokens(queries)):
+    for query, dropped in zip(queries, dropped_tokens(queries), strict=True):
         if dropped:
             shown = query if len(query) <= 60 else query[:60] + "..."
             logger.warning("query %r is too long for the text encoder: its last %d tokens were dropped; shorten it", shown, dropped)
