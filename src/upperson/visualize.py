@@ -111,7 +111,8 @@ def _thumbnail(path: str | os.PathLike[str], image_size: tuple[int, int], root: 
         except IMAGE_ERRORS as error:
             logger.warning("cannot draw %s (%s: %s); drawing a placeholder", path, type(error).__name__, error)
     placeholder = Image.new("RGB", (width, height), PLACEHOLDER_COLOUR)
-    ImageDraw.Draw(placeholder).text((width / 2, height / 2), "?", fill=_TEXT_COLOUR, font=font, anchor="mm")
+    left, top, right, bottom = font.getbbox("?")  # no anchor=: Pillow's bitmap font lacks it
+    ImageDraw.Draw(placeholder).text(((width - right - left) / 2, (height - bottom - top) / 2), "?", fill=_TEXT_COLOUR, font=font)
     return placeholder
 
 
