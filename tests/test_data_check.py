@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from upperson.data import ImageDataset, build_transforms, check_dataset, load_dataset
+from test_training import tiny_overrides, write_cuhk_fixture
+from upperson.cli import main
+from upperson.data import DatasetFormatError, ImageDataset, build_transforms, check_dataset, load_dataset
 
 
 def write_jpeg(path: Path, size: tuple[int, int] = (8, 16)) -> None:
@@ -29,8 +31,11 @@ def record(split: str, pid: int, file: str, captions: object) -> dict[str, objec
 
 GOOD = [
     record("train", 1, "train/a.jpg", ["a man in red", "he has a bag", "black shoes"]),
+    record("train", 1, "train/a2.jpg", ["the man in red"]),
     record("train", 2, "train/b.jpg", ["a woman in blue", "long hair"]),
+    record("train", 2, "train/b2.jpg", ["the woman in blue"]),
     record("val", 3, "val/c.jpg", ["a boy", "a kid"]),
+    record("val", 3, "val/c2.jpg", ["the boy"]),
     record("test", 4, "test/d.jpg", ["a girl", "a dress"]),
     record("test", 4, "test/e.jpg", ["the girl", "again"]),
 ]
@@ -48,11 +53,11 @@ def test_clean_dataset_reports_counts_and_ok(tmp_path: Path) -> None:
     report = check_dataset("cuhk-pedes", tmp_path)
     assert report.ok and report.problems == []
     assert [(s.split, s.ids, s.images, s.captions) for s in report.splits] == [
-        ("train", 2, 2, 5), ("val", 1, 1, 2), ("test", 1, 2, 4),
+        ("train", 2, 4, 7), ("val", 1, 2, 3), ("test", 1, 2, 4),
     ]
-    assert report.images_checked == 5 and report.images_decoded
+    assert report.images_checked == 8 and report.images_decoded
     text = report.format()
-    assert "train          2         2         5   11,003/34,054/68,126" in text
+    assert "train          2         4         7   11,003/34,054/68,126" in text
     assert "OK: the dataset can be used" in text
 
 
@@ -80,7 +85,8 @@ def test_broken_dataset_lists_every_problem(broken_root: Path) -> None:
     kinds = sorted(problem.kind for problem in report.problems)
     assert kinds == [
         "empty_caption", "malformed_record", "malformed_record", "missing_image",
-        "missing_split", "unknown_split", "unreadable_image",
+        "missing_split", "single_image_identity", "single_image_identity", "single_image_identity",
+        "single_image_identity", "unknown_split", "unreadable_image",
     ]
     text = report.format()
     assert "reid_raw.json record 3: field 'captions' must be a non-empty list of strings, got str 'a caption that is not a list'" in text
@@ -136,5 +142,69 @@ def test_truncated_image_is_a_warning_and_still_loads(tmp_path: Path) -> None:
 def test_no_images_at_all_says_where_they_are_expected(tmp_path: Path) -> None:
     write_cuhk(tmp_path, GOOD)
     text = check_dataset("cuhk-pedes", tmp_path / "CUHK-PEDES").format(max_per_kind=1)
-    assert f"none of the 5 image files exists (e.g. imgs/train/a.jpg under {tmp_path / 'CUHK-PEDES'}); unpack the images there" in text
-    assert "error: missing image file (6)" in text
+    assert f"none of the 8 image files exists (e.g. imgs/train/a.jpg under {tmp_path / 'CUHK-PEDES'}); unpack the images there" in text
+    assert "error: missing image file (9)" in text
+
+
+def test_duplicate_images_shared_ids_and_single_image_ids_are_warnings(tmp_path: Path) -> None:
+    records = [
+        record("train", 1, "train/a.jpg", ["a man in red"]),
+        record("train", 1, "train/a2.jpg", ["the man in red"]),
+        record("train", 2, "train/b.jpg", ["a woman in blue"]),
+        record("test", 1, "test/c.jpg", ["a man in red again"]),
+        record("test", 7, "test/d.jpg", ["a girl"]),
+        record("test", 7, "test/d.jpg", ["the same girl"]),
+        record("test", 7, "test/e.jpg", ["the girl from behind"]),
+    ]
+    directory = write_cuhk(tmp_path, records)
+    for item in records:
+        write_jpeg(directory / "imgs" / item["file_path"])
+    report = check_dataset("cuhk-pedes", tmp_path)
+    assert report.ok
+    found = sorted((problem.kind, problem.message) for problem in report.problems if problem.kind != "missing_split")
+    assert found == [
+        ("duplicate_image", "imgs/test/d.jpg is the image of reid_raw.json records 4 (test) and 5 (test)"),
+        ("shared_identity", "id 1 is in the train and test splits (reid_raw.json records 0, 1 and 3); test scores would count a person seen in train"),
+        ("single_image_identity", "test split: id 1 has a single image (imgs/test/c.jpg)"),
+        ("single_image_identity", "train split: id 2 has a single image (imgs/train/b.jpg)"),
+    ]
+    text = report.format()
+    assert "warning: image of several records (1)" in text and "warning: identity in several splits (1)" in text
+    assert "warning: identity with a single image (2)" in text and text.splitlines()[-1].startswith("OK")
+
+
+def _blank_test_captions(directory: Path) -> None:
+    path = directory / "reid_raw.json"
+    records = json.loads(path.read_text())
+    for item in records:
+        if item["split"] == "test":
+            item["captions"] = ["  ", ""]
+    path.write_text(json.dumps(records))
+
+
+def test_eval_split_whose_captions_are_all_empty_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = write_good(tmp_path)
+    _blank_test_captions(directory)
+    report = check_dataset("cuhk-pedes", tmp_path)
+    assert not report.ok
+    errors = [(problem.kind, problem.message) for problem in report.problems if problem.fatal]
+    assert errors == [
+        ("empty_split", "reid_raw.json: the test split has 2 images but no caption (all 4 are empty): no queries to "
+         "evaluate with; give its records captions"),
+    ]
+    assert main(["data", "check", str(tmp_path), "--dataset", "cuhk-pedes"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    with pytest.raises(DatasetFormatError, match=r"reid_raw.json: the test split has 2 images but no caption"):
+        load_dataset("cuhk-pedes", tmp_path)
+
+
+def test_training_refuses_an_eval_split_without_queries_before_the_first_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_cuhk_fixture(tmp_path / "data", {"train": 4, "test": 2})
+    _blank_test_captions(root / "CUHK-PEDES")
+    argv = ["train"]
+    for item in tiny_overrides(root, tmp_path / "runs", epochs=1):
+        argv += ["--set", item]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert "the dataset would break training" in error and "the test split has 4 images but no caption" in error
+    assert not list((tmp_path / "runs").rglob("*.safetensors"))  # stopped before training

@@ -204,3 +204,25 @@ def test_registry_is_a_plain_dict_and_unknown_names_list_the_choices(tmp_path: P
     assert list(upperson.data.DATASETS) == ["cuhk-pedes", "icfg-pedes", "rstpreid", "flickr30k", "mscoco"]
     with pytest.raises(ValueError, match="unknown dataset 'market1501'; choose one of cuhk-pedes, icfg-pedes"):
         load_dataset("market1501", tmp_path)
+
+
+def test_caption_dataset_eval_images_also_in_train_or_twice_are_warnings(tmp_path: Path) -> None:
+    albef_dataset(tmp_path / "flickr30k", "flickr30k", [1, 2, 1])
+    path = tmp_path / "flickr30k" / "flickr30k_test.json"
+    test = json.loads(path.read_text())
+    test.append({"image": "train-images/11.jpg", "caption": ["a leak"]})
+    test.append({"image": "test-images/30.jpg", "caption": ["the first one again"]})
+    write_json(path, test)
+    problems: list[upperson.data.Problem] = []
+    upperson.data.DATASETS["flickr30k"](tmp_path, problems)
+    assert sorted((problem.kind, problem.message) for problem in problems) == [
+        ("duplicate_image", "test-images/30.jpg is the image of flickr30k_test.json records 0 (test) and 3 (test)"),
+        ("duplicate_image", "train-images/11.jpg is the image of flickr30k_train.json record 1 (train) and flickr30k_test.json record 2 (test)"),
+    ]  # images are their own identities here: no identity warnings, and train captions share images by design
+
+
+def test_caption_dataset_val_without_captions_is_refused(tmp_path: Path) -> None:
+    albef_dataset(tmp_path / "flickr30k", "flickr30k", [1, 2, 1])
+    write_json(tmp_path / "flickr30k" / "flickr30k_val.json", [{"image": "val-images/20.jpg", "caption": ["!!", "..."]}])
+    with pytest.raises(DatasetFormatError, match=r"flickr30k_val.json: the val split has 1 image but no caption \(all 2 are empty\)"):
+        load_dataset("flickr30k", tmp_path)

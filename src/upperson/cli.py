@@ -357,7 +357,8 @@ def _index(args: argparse.Namespace) -> int:
         num_workers=config.data.num_workers,
         progress=_progress,
     )
-    print(f"indexed {len(gallery)} images of {gallery.image_dir} ({len(gallery.skipped)} unreadable, skipped) into {out}")
+    skipped = f"{len(gallery.skipped)} skipped: unreadable, or symlinks not followed; listed in index.json"
+    print(f"indexed {len(gallery)} images of {gallery.image_dir} ({skipped}) into {out}")
     return EXIT_OK
 
 
@@ -382,7 +383,8 @@ def _search(args: argparse.Namespace) -> int:
     if args.figure:
         from upperson.visualize import save_retrieval_figure  # drawing is only needed here
 
-        save_retrieval_figure(args.figure, list(args.queries), [[hit.path for hit in ranked] for ranked in hits], top_k=args.top_k)
+        ranked_paths = [[hit.path for hit in ranked] for ranked in hits]
+        save_retrieval_figure(args.figure, list(args.queries), ranked_paths, top_k=args.top_k, root=gallery.image_dir)
         print(f"figure: {args.figure}")
     return EXIT_OK
 

@@ -44,3 +44,9 @@ def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> to
     if isinstance(texts, str):
         texts = [texts]
     return get_tokenizer()(texts, context_length=context_length)
+
+
+def dropped_tokens(texts: list[str], context_length: int = CONTEXT_LENGTH) -> list[int]:
+    """How many BPE tokens `tokenize` cuts off the end of each text (0 where it fits)."""
+    tokenizer = get_tokenizer()
+    return [max(0, len(tokenizer.encode(text)) + 2 - context_length) for text in texts]  # + SOT and EOT

@@ -1,9 +1,11 @@
 """Retrieval figures: each text query next to its top-ranked gallery images, framed green when the
 image shows the queried person and red otherwise (as in Fig. 7 of the UP-Person paper), or grey
-when there is no ground truth (searching one's own gallery)."""
+when there is no ground truth (searching one's own gallery). An image that cannot be read, or that
+lies outside the gallery root, is drawn as a light-grey placeholder with a question mark."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,11 +14,16 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from upperson._io import atomic_path
+from upperson.data.datasets import IMAGE_ERRORS, read_image
+
+logger = logging.getLogger(__name__)
 
 MATCH_COLOUR = (0, 170, 60)
 MISMATCH_COLOUR = (220, 30, 30)
 NEUTRAL_COLOUR = (150, 150, 150)
 """Frame of every image when no ground truth is given (``is_match=None``)."""
+PLACEHOLDER_COLOUR = (225, 225, 225)
+"""Fill of a cell whose image cannot be read or lies outside the gallery root."""
 _TEXT_COLOUR = (20, 20, 20)
 _BACKGROUND = (255, 255, 255)
 _ELLIPSIS = "..."
@@ -93,10 +100,20 @@ def _wrap(text: str, font: Font, width: int, max_lines: int) -> list[str]:
     return kept
 
 
-def _thumbnail(path: str | os.PathLike[str], image_size: tuple[int, int]) -> Image.Image:
+def _thumbnail(path: str | os.PathLike[str], image_size: tuple[int, int], root: Path | None, font: Font) -> Image.Image:
+    """The image resized to ``image_size`` (height, width), or a placeholder when it cannot be drawn."""
     height, width = image_size
-    with Image.open(path) as image:
-        return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    if root is not None and not Path(path).resolve().is_relative_to(root.resolve()):
+        logger.warning("not drawing %s: it lies outside the gallery %s", path, root)
+    else:
+        try:
+            return read_image(path).resize((width, height), Image.Resampling.BICUBIC)
+        except IMAGE_ERRORS as error:
+            logger.warning("cannot draw %s (%s: %s); drawing a placeholder", path, type(error).__name__, error)
+    placeholder = Image.new("RGB", (width, height), PLACEHOLDER_COLOUR)
+    left, top, right, bottom = font.getbbox("?")  # no anchor=: Pillow's bitmap font lacks it
+    ImageDraw.Draw(placeholder).text(((width - right - left) / 2, (height - bottom - top) / 2), "?", fill=_TEXT_COLOUR, font=font)
+    return placeholder
 
 
 def _check_inputs(queries: Sequence[str], ranked: Sequence[Sequence[object]], is_match: Sequence[Sequence[bool | None]]) -> None:
@@ -120,6 +137,7 @@ def save_retrieval_figure(
     top_k: int = 10,
     gallery_image_size: tuple[int, int] = (128, 48),
     layout: FigureLayout = FigureLayout(),
+    root: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a PNG with one row per query: its text, then its first ``top_k`` ranked images.
 
@@ -132,6 +150,8 @@ def save_retrieval_figure(
         top_k: Images shown per query; rows with fewer leave the rest blank.
         gallery_image_size: (height, width) each gallery image is resized to.
         layout: Pixel geometry of the figure.
+        root: Gallery root: images that resolve (symlinks followed) outside it are not read but drawn
+            as placeholders, like images that cannot be read.
 
     Returns:
         The path written.
@@ -157,7 +177,8 @@ def save_retrieval_figure(
             left, cell_top = layout.cell_origin(row, column, gallery_image_size)
             colour = NEUTRAL_COLOUR if match is None else MATCH_COLOUR if match else MISMATCH_COLOUR
             draw.rectangle((left, cell_top, left + cell_width - 1, cell_top + cell_height - 1), fill=colour)
-            canvas.paste(_thumbnail(image_path, gallery_image_size), (left + layout.frame, cell_top + layout.frame))
+            thumbnail = _thumbnail(image_path, gallery_image_size, Path(root) if root is not None else None, font)
+            canvas.paste(thumbnail, (left + layout.frame, cell_top + layout.frame))
     target = Path(path)
     with atomic_path(target) as temporary:
         canvas.save(temporary, format="PNG")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, default_collate
@@ -32,11 +33,12 @@ _truncation_lock = threading.Lock()
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Open ``path`` as RGB. Truncated files load with their missing part filled, as the official
-    code loads them (``LOAD_TRUNCATED_IMAGES``); anything else unreadable raises."""
+    """Open ``path`` as 8-bit RGB (see `to_rgb`). Truncated files load with their missing part
+    filled, as the official code loads them (``LOAD_TRUNCATED_IMAGES``); anything else unreadable
+    raises, decompression bombs (``Image.MAX_IMAGE_PIXELS``) included."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except OSError as error:
         if "truncated" not in str(error):
             raise
@@ -44,9 +46,54 @@ def read_image(path: str | Path) -> Image.Image:
         previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                return to_rgb(image)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+_INTEGER_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+"""Grey modes with more than 8 bits, which ``convert("RGB")`` clips to white instead of scaling."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of an image of any PIL mode, grey levels scaled to 8 bits by the image's bit depth.
+
+    - ``I;16*``: ``value >> 8``; ``I``: ``value >> (bits - 8)`` with the bit depth the file
+      declares (TIFF ``BitsPerSample``, one less when signed; 16 for PNG, which older Pillow
+      opens as ``I``; else 31), negatives black.
+    - ``F``: intensities in [0, 1] when every value is (the float-image convention), else on the
+      0..255 scale; clipped, NaN black.
+    - Alpha (``RGBA``, ``LA``, ``PA``, ``P`` with transparency) is dropped: each pixel keeps its
+      stored colour, as ``convert("RGB")`` and the official code do.
+    - Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ...) converts with Pillow.
+    """
+    if image.mode in _INTEGER_MODES:
+        values = np.asarray(image).astype(np.int64)
+        grey = np.right_shift(values.clip(min=0), _integer_bit_depth(image) - 8).clip(max=255)
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        return Image.fromarray(np.rint(values * scale).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB")  # direct conversion warns about transparency
+    return image.convert("RGB")
+
+
+def _integer_bit_depth(image: Image.Image) -> int:
+    """Bits of the non-negative grey levels of an ``I``/``I;16*`` image (at least 8)."""
+    if image.mode.startswith("I;16") or image.format == "PNG":
+        return 16
+    tags = getattr(image, "tag_v2", {})
+    bits, sample_format = _first(tags.get(258)), _first(tags.get(339))  # TIFF BitsPerSample, SampleFormat
+    if bits is None:
+        return 31
+    return max(8, int(bits) - (1 if sample_format == 2 else 0))  # SampleFormat 2: signed
+
+
+def _first(value: Any) -> Any:
+    """A TIFF tag's first value (Pillow gives multi-sample tags as tuples)."""
+    return value[0] if isinstance(value, tuple) else value
 
 
 class _ImageReader:

@@ -3,7 +3,10 @@
 Formats and id rules follow spec B.1: the three person sets (CUHK-PEDES, ICFG-PEDES, RSTPReid)
 share one record schema; Flickr30k and MSCOCO use the ALBEF json files. Readers validate every
 record with the same rules in two modes: loading stops at the first malformed record with a
-`DatasetFormatError`, while the data check passes a list and gets every problem instead.
+`DatasetFormatError`, while the data check passes a list and gets every problem instead. Across
+records they warn about an image used by several records, a person id in several splits and a
+person id with a single image, and refuse an evaluation split left without queries (every caption
+empty), which would otherwise pass and then break the final evaluation.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +190,77 @@ def _contiguous(raw_ids: Sequence[int | str]) -> list[int]:
     return [numbering.setdefault(raw, len(numbering)) for raw in raw_ids]
 
 
+@dataclass(frozen=True)
+class _ImageRecord:
+    """Where an image occurs, for the checks across records and splits."""
+
+    split: str
+    identity: int | str | None
+    """Raw person id; None where every image is its own identity (Flickr30k, MSCOCO)."""
+    path: Path
+    file: str
+    """Annotation file name."""
+    index: int
+    """Record index in ``file``."""
+
+
+def _relative(path: Path, directory: Path) -> str:
+    return path.relative_to(directory).as_posix() if path.is_relative_to(directory) else str(path)
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _occurrences(records: Sequence[_ImageRecord], with_split: bool) -> str:
+    """``reid_raw.json records 4 (test) and 5 (test)``: record indexes grouped by file."""
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for record in records:
+        by_file[record.file].append(f"{record.index} ({record.split})" if with_split else str(record.index))
+    return _join([f"{file} record{'s' if len(items) > 1 else ''} {_join(items)}" for file, items in by_file.items()])
+
+
+_SPLIT_ORDER = ("train", *EVAL_SPLITS)
+
+
+def _check_across_records(records: Sequence[_ImageRecord], directory: Path, sink: _Sink) -> None:
+    """Warn about images of several records, identities in several splits and identities with one image."""
+    by_path: dict[Path, list[_ImageRecord]] = defaultdict(list)
+    by_identity: dict[int | str, dict[str, list[_ImageRecord]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        by_path[record.path].append(record)
+        if record.identity is not None:
+            by_identity[record.identity][record.split].append(record)
+    for path, same in by_path.items():
+        if len(same) > 1:
+            sink.report("duplicate_image", f"{_relative(path, directory)} is the image of {_occurrences(same, with_split=True)}")
+    for identity, splits in by_identity.items():
+        if len(splits) > 1:
+            names = sorted(splits, key=_SPLIT_ORDER.index)
+            held = sorted((record for split_records in splits.values() for record in split_records), key=lambda record: record.index)
+            sink.report(
+                "shared_identity",
+                f"id {identity} is in the {_join(names)} splits ({_occurrences(held, with_split=False)}); "
+                f"{names[-1]} scores would count a person seen in {names[0]}",
+            )
+        for split, split_records in splits.items():
+            images = {record.path for record in split_records}
+            if len(images) == 1:
+                sink.report("single_image_identity", f"{split} split: id {identity} has a single image ({_relative(images.pop(), directory)})")
+
+
+def _check_queries(splits: dict[str, EvalSplit], files: dict[str, str], empty: dict[str, int], sink: _Sink) -> None:
+    """An evaluation split with images but no caption left has no queries: evaluation would fail."""
+    for split, data in splits.items():
+        if data.image_paths and not data.captions:
+            count = len(data.image_paths)
+            sink.report(
+                "empty_split",
+                f"{files[split]}: the {split} split has {count} image{'s' if count > 1 else ''} but no caption "
+                f"(all {empty[split]} are empty): no queries to evaluate with; give its records captions",
+            )
+
+
 # --------------------------------------------------------------------------------------------
 # CUHK-PEDES, ICFG-PEDES, RSTPReid
 
@@ -214,6 +289,8 @@ def _read_person_dataset(spec: _PersonFormat, root: str | Path, problems: list[P
     train_raw: list[tuple[int, int, Path, str]] = []
     train_images = 0
     evaluation = {split: EvalSplit([], [], [], []) for split in spec.splits if split != "train"}
+    images: list[_ImageRecord] = []
+    empty_captions: dict[str, int] = defaultdict(int)
     for index, record in enumerate(_load_records(path, sink)):
         where = f"{path.name} record {index}"
         if not _valid(record, checks, where, sink):
@@ -225,19 +302,23 @@ def _read_person_dataset(spec: _PersonFormat, root: str | Path, problems: list[P
             continue
         image_path = image_dir / record[spec.path_field]
         captions = _kept_captions(record["captions"], where, sink)
+        images.append(_ImageRecord(split, record["id"], image_path, path.name, index))
         if split == "train":
             train_raw.extend((record["id"] + spec.train_id_offset, train_images, image_path, caption) for caption in captions)
             train_images += 1
             continue
+        empty_captions[split] += len(record["captions"]) - len(captions)
         target = evaluation[split]
         target.image_paths.append(image_path)
         target.image_pids.append(record["id"])
         target.captions.extend(captions)
         target.caption_pids.extend([record["id"]] * len(captions))
+    splits = {split: data for split, data in evaluation.items() if data.image_paths}
+    _check_across_records(images, directory, sink)
+    _check_queries(splits, dict.fromkeys(splits, path.name), empty_captions, sink)
     sink.log_warnings()
     pids = _contiguous([raw for raw, _, _, _ in train_raw])
     train = [TrainSample(pid, image_id, image_path, caption) for pid, (_, image_id, image_path, caption) in zip(pids, train_raw)]
-    splits = {split: data for split, data in evaluation.items() if data.image_paths}
     return RetrievalDataset(spec.name, directory, train, splits, (path,))
 
 
@@ -279,15 +360,20 @@ def _read_caption_dataset(spec: _CaptionFormat, root: str | Path, problems: list
     train_path, *eval_paths = paths
 
     train_raw: list[tuple[int | str, Path, str]] = []
+    images: dict[Path, _ImageRecord] = {}  # one per train image: its records share it by design (one caption each)
     for index, record in enumerate(_load_records(train_path, sink)):
         where = f"{train_path.name} record {index}"
         if _valid(record, _TRAIN_CHECKS, where, sink):
+            image_path = directory / record["image"]
+            images.setdefault(image_path, _ImageRecord("train", None, image_path, train_path.name, index))
             for caption in _kept_captions([pre_caption(record["caption"])], where, sink):
-                train_raw.append((_image_key(record["image_id"]), directory / record["image"], caption))
+                train_raw.append((_image_key(record["image_id"]), image_path, caption))
     pids = _contiguous([key for key, _, _ in train_raw])
     train = [TrainSample(pid, pid, image_path, caption) for pid, (_, image_path, caption) in zip(pids, train_raw)]
 
     splits = {}
+    eval_images: list[_ImageRecord] = []
+    empty_captions: dict[str, int] = defaultdict(int)
     for split, path in zip(EVAL_SPLITS, eval_paths):
         data = EvalSplit([], [], [], [])
         for index, record in enumerate(_load_records(path, sink)):
@@ -296,12 +382,16 @@ def _read_caption_dataset(spec: _CaptionFormat, root: str | Path, problems: list
                 continue
             pid = len(data.image_paths)
             captions = _kept_captions([pre_caption(caption) for caption in record["caption"]], where, sink)
+            empty_captions[split] += len(record["caption"]) - len(captions)
+            eval_images.append(_ImageRecord(split, None, directory / record["image"], path.name, index))
             data.image_paths.append(directory / record["image"])
             data.image_pids.append(pid)
             data.captions.extend(captions)
             data.caption_pids.extend([pid] * len(captions))
         if data.image_paths:
             splits[split] = data
+    _check_across_records([*images.values(), *eval_images], directory, sink)
+    _check_queries(splits, {split: path.name for split, path in zip(EVAL_SPLITS, eval_paths, strict=True)}, empty_captions, sink)
     sink.log_warnings()
     return RetrievalDataset(spec.name, directory, train, splits, tuple(paths))
 

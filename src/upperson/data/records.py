@@ -98,6 +98,9 @@ ProblemKind = Literal[
     "empty_caption",
     "truncated_image",
     "missing_split",
+    "duplicate_image",
+    "shared_identity",
+    "single_image_identity",
 ]
 
 PROBLEM_TITLES: dict[ProblemKind, str] = {
@@ -111,10 +114,15 @@ PROBLEM_TITLES: dict[ProblemKind, str] = {
     "empty_caption": "empty caption (left out)",
     "truncated_image": "truncated image (loads with its missing part filled, like the official code)",
     "missing_split": "split without data (model selection falls back to the last epoch)",
+    "duplicate_image": "image of several records",
+    "shared_identity": "identity in several splits",
+    "single_image_identity": "identity with a single image",
 }
 """Human-readable heading of each problem kind, in the order reports list them."""
 
-WARNING_KINDS: frozenset[ProblemKind] = frozenset({"empty_caption", "truncated_image", "missing_split"})
+WARNING_KINDS: frozenset[ProblemKind] = frozenset(
+    {"empty_caption", "truncated_image", "missing_split", "duplicate_image", "shared_identity", "single_image_identity"}
+)
 """Kinds that do not break training; every other kind does."""
 
 

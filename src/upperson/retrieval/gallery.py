@@ -9,6 +9,13 @@ large galleries when FAISS is installed).
 
 Features are stored in float16: half the disk of float32, and a cosine score of unit vectors moves
 by ~1e-3 at most, which only reorders near-ties.
+
+The index never touches what it did not write: it refuses an index folder that holds anything but
+its own two files (or that holds the images), replaces a previous index only by removing those two
+files, and a lock file (``<index folder>.lock``, holding the writer's pid) keeps two processes from
+writing one index. Only files inside the gallery root are read: symlinks that dangle, loop or lead
+out of the root are skipped and listed, folder symlinks are not followed, and an ``index.json`` whose
+paths leave the root is refused as tampered.
 """
 
 from __future__ import annotations
@@ -18,14 +25,15 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,7 +42,7 @@ from upperson.data.transforms import build_transforms
 from upperson.methods import RetrievalModel
 from upperson.retrieval.factory import build_inference_model, inference_config
 from upperson.runtime import Progress, SilentProgress, autocast, resolve_precision
-from upperson.tokenizer import tokenize
+from upperson.tokenizer import dropped_tokens, tokenize
 from upperson.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,13 @@ FAISS_THRESHOLD = 100_000
 """Galleries larger than this use FAISS (when importable); below it torch matmul is as fast."""
 _GALLERY_CHUNK = 65_536
 """Gallery rows scored at a time by the torch path (bounds memory to chunk x queries floats)."""
+_INDEX_FILES = (INDEX_FILE, FEATURES_FILE)
+"""Everything an index folder holds; nothing else in it is ever removed."""
+_REBUILD = "rebuild the index with `upperson index`"
+
+
+class GalleryIndexError(ValueError):
+    """An index folder that cannot be written or read as it is; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +90,8 @@ class GalleryIndex:
     metadata: dict[str, Any]
     """Model identity (see :func:`index_metadata`)."""
     skipped: list[dict[str, Any]] = field(default_factory=list)
-    """Unreadable images: ``{"path", "error", "size", "mtime_ns"}``; retried only once they change."""
+    """Unreadable images ``{"path", "error", "size", "mtime_ns"}``, retried only once they change, and
+    symlinks not followed ``{"path", "error"}`` (dangling, looping, leaving the root, or folders)."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -115,36 +131,56 @@ class GalleryIndex:
         out = Path(out_dir).resolve()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
+        _check_not_holding(out, root)
         size = tuple(image_size or model.backbone_spec.image_size)
         precision = resolve_precision(precision, torch.device(device))
         metadata = index_metadata(model, size, adapter, config_path, precision)
-        current = {path: _file_stat(root / path) for path in find_images(root, exclude=out)}
-        previous, previous_skipped = _reusable_entries(out, root, metadata)
-        reused = {path: features for path, (features, stat) in previous.items() if current.get(path) == stat}
-        still_skipped = [entry for entry in previous_skipped if current.get(entry["path"]) == _stat_of(entry)]
-        known = set(reused) | {entry["path"] for entry in still_skipped}
-        to_encode = [path for path in current if path not in known]
-        logger.info(
-            "%d images: %d unchanged (features reused), %d unchanged and unreadable, %d to encode, %d dropped",
-            len(current), len(reused), len(still_skipped), len(to_encode), len(set(previous) - set(current)),
-        )
-        encoded, skipped = _encode_images(model, root, to_encode, size, torch.device(device), precision, batch_size, num_workers, progress)
-        skipped = sorted(still_skipped + [{**entry, **current[entry["path"]]} for entry in skipped], key=lambda entry: entry["path"])
-        rows = reused | encoded
-        paths = sorted(rows)
-        dim = model.backbone_spec.embed_dim
-        features = torch.stack([rows[path] for path in paths]) if paths else torch.zeros(0, dim, dtype=torch.float16)
-        index = cls(root, paths, features, {path: current[path] for path in paths}, metadata, skipped)
-        index.save(out)
+        with _index_lock(out):
+            _check_replaceable(out)
+            found = find_images(root, exclude=out)
+            current = {path: _file_stat(root / path) for path in found.images}
+            previous, previous_skipped = _reusable_entries(out, root, metadata)
+            reused = {path: features for path, (features, stat) in previous.items() if current.get(path) == stat}
+            still_skipped = [entry for entry in previous_skipped if current.get(entry["path"]) == _stat_of(entry)]
+            known = set(reused) | {entry["path"] for entry in still_skipped}
+            to_encode = [path for path in current if path not in known]
+            logger.info(
+                "%d images: %d unchanged (features reused), %d unchanged and unreadable, %d to encode, %d dropped",
+                len(current), len(reused), len(still_skipped), len(to_encode), len(set(previous) - set(current)),
+            )
+            encoded, unreadable = _encode_images(
+                model, root, to_encode, size, torch.device(device), precision, batch_size, num_workers, progress
+            )
+            newly_skipped = [{**entry, **current[entry["path"]]} for entry in unreadable]
+            skipped = sorted(found.skipped + still_skipped + newly_skipped, key=lambda entry: entry["path"])
+            rows = reused | encoded
+            paths = sorted(rows)
+            dim = model.backbone_spec.embed_dim
+            features = torch.stack([rows[path] for path in paths]) if paths else torch.zeros(0, dim, dtype=torch.float16)
+            index = cls(root, paths, features, {path: current[path] for path in paths}, metadata, skipped)
+            index._write(out)
         return index
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write ``features.safetensors`` and ``index.json`` to a fresh folder, then swap it in,
-        so that readers never see features and paths from two different builds."""
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        """Write the index to ``out_dir``: a new folder, an empty one, or a previous index (replaced).
+
+        Raises:
+            GalleryIndexError: ``out_dir`` holds other files, holds the images, or another process
+                is writing it.
+        """
+        out = Path(out_dir).resolve()
+        _check_not_holding(out, self.image_dir.resolve())
+        with _index_lock(out):
+            _check_replaceable(out)
+            self._write(out)
+        return out
+
+    def _write(self, out: Path) -> None:
+        """Write ``features.safetensors`` and ``index.json`` to a fresh folder, then swap it in, so
+        that readers never see features and paths from two different builds. Call with the lock held."""
         staging = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
         staging.mkdir()  # not mkdtemp: the index folder should get the usual (umask) permissions
+        previous = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old") if out.exists() else None
         try:
             save_file({"features": self.features.to(torch.float16).contiguous()}, str(staging / FEATURES_FILE))
             payload = {
@@ -157,36 +193,38 @@ class GalleryIndex:
                 "skipped": self.skipped,
             }
             (staging / INDEX_FILE).write_text(json.dumps(payload, indent=1))
-            previous = out.with_name(f".{out.name}.old")
-            if out.exists():
-                shutil.rmtree(previous, ignore_errors=True)
+            if previous is not None:
                 os.replace(out, previous)
-            os.replace(staging, out)
-            shutil.rmtree(previous, ignore_errors=True)
+            try:
+                os.replace(staging, out)
+            except OSError:
+                if previous is not None:
+                    os.replace(previous, out)
+                raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return out
+            for folder in (staging, previous):
+                if folder is not None and folder.exists():
+                    _remove_index_folder(folder)
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike[str]) -> GalleryIndex:
-        """Read an index directory written by :meth:`build`."""
+        """Read an index directory written by :meth:`build`, checking it thoroughly.
+
+        Raises:
+            FileNotFoundError: a file of the index is missing.
+            GalleryIndexError: ``index.json`` is malformed or names files outside the gallery root
+                (tampered), or the features file is corrupt or does not match it.
+        """
         out = Path(out_dir)
         index_file, features_file = out / INDEX_FILE, out / FEATURES_FILE
         for required in (index_file, features_file):
             if not required.is_file():
                 raise FileNotFoundError(f"{required} does not exist; build the index with `upperson index`")
-        try:
-            payload = json.loads(index_file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{index_file}: not valid JSON ({error}); rebuild the index") from error
-        if payload.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{index_file}: not an upperson gallery index (format {payload.get('format')!r})")
-        features = load_file(str(features_file))["features"]
-        if features.shape[0] != len(payload["paths"]):
-            raise ValueError(f"{out}: {features.shape[0]} feature rows but {len(payload['paths'])} paths; rebuild the index")
-        return cls(
-            Path(payload["image_dir"]), payload["paths"], features, payload["files"], payload["metadata"], payload.get("skipped", [])
-        )
+        payload = _read_index_file(index_file)
+        root = Path(payload["image_dir"])
+        _check_entries(payload["paths"], root, index_file)
+        features = _read_features(features_file, len(payload["paths"]))
+        return cls(root, payload["paths"], features, payload["files"], payload["metadata"], payload.get("skipped", []))
 
     def search(
         self,
@@ -210,6 +248,11 @@ class GalleryIndex:
         if top_k < 1:
             raise ValueError(f"search: top_k must be >= 1, got {top_k}")
         query_features = encode_queries(model, queries, torch.device(device), precision).cpu()
+        if query_features.shape[1] != self.features.shape[1]:
+            raise GalleryIndexError(
+                f"the index of {self.image_dir} has features of {self.features.shape[1]} dimensions but the model's "
+                f"embeddings have {query_features.shape[1]}: it was not built by this model; {_REBUILD}"
+            )
         k = min(top_k, len(self))
         if k == 0:
             return [[] for _ in queries]
@@ -223,22 +266,69 @@ class GalleryIndex:
         ]
 
 
-def find_images(root: Path, exclude: Path | None = None) -> list[str]:
-    """Relative POSIX paths of the images under ``root`` (by suffix, any case), sorted.
+@dataclass(frozen=True)
+class GalleryFiles:
+    """What :func:`find_images` found under a gallery root."""
+
+    images: list[str]
+    """Relative POSIX paths of the images to index, sorted."""
+    skipped: list[dict[str, str]]
+    """``{"path", "error"}`` of the symlinks not followed and special files, sorted by path."""
+
+
+def find_images(root: Path, exclude: Path | None = None) -> GalleryFiles:
+    """The images under the resolved folder ``root`` (by suffix, any case), and the symlinks not followed.
 
     Hidden files and folders are skipped: they hold atomic-write temporaries, OS thumbnails and the
-    default index folder, never gallery images.
+    default index folder, never gallery images. Folder symlinks are never followed (one inside the
+    gallery would index its images twice, or loop; one outside reads outside the gallery); file
+    symlinks are indexed when they resolve to a regular file inside ``root``. The others, and
+    special files such as pipes, are listed as skipped.
     """
-    found = []
-    for folder, folders, files in os.walk(root):
+    images: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for folder, folders, files in os.walk(root):  # followlinks=False: folder symlinks are listed, not entered
         here = Path(folder)
-        folders[:] = sorted(name for name in folders if not name.startswith(".") and (exclude is None or here / name != exclude))
-        found += [
-            (here / name).relative_to(root).as_posix()
-            for name in files
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-        ]
-    return sorted(found)
+        visible = sorted(name for name in folders if not name.startswith(".") and (exclude is None or here / name != exclude))
+        links = [name for name in visible if (here / name).is_symlink()]
+        folders[:] = [name for name in visible if name not in links]
+        for name in links:
+            target = (here / name).resolve()
+            reason = (
+                f"folder symlink to {target}, not followed (the images there are indexed under their own folder)"
+                if target.is_relative_to(root)
+                else f"symlink to {target}, outside the gallery"
+            )
+            logger.warning("skipping %s: %s", here / name, reason)
+            skipped.append({"path": (here / name).relative_to(root).as_posix(), "error": reason})
+        for name in files:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = here / name
+            relative = path.relative_to(root).as_posix()
+            problem = _file_problem(path, root)
+            if problem is None:
+                images.append(relative)
+            else:
+                logger.warning("skipping %s: %s", path, problem)
+                skipped.append({"path": relative, "error": problem})
+    return GalleryFiles(sorted(images), sorted(skipped, key=lambda entry: entry["path"]))
+
+
+def _file_problem(path: Path, root: Path) -> str | None:
+    """Why the walked file ``path`` is not indexed, or None when it is (or leads to) a regular file inside ``root``."""
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except FileNotFoundError:
+            return f"dangling symlink to {os.readlink(path)}"
+        except (OSError, RuntimeError):  # ELOOP; Python < 3.13 raises RuntimeError for symlink loops
+            return f"symlink loop ({path.name} -> {os.readlink(path)})"
+        if not target.is_relative_to(root):
+            return f"symlink to {target}, outside the gallery"
+    if not path.is_file():
+        return "not a regular file (a pipe or device would block reading)"
+    return None
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -288,7 +378,7 @@ def _reusable_entries(out: Path, root: Path, metadata: dict[str, Any]) -> Reusab
         return {}, []
     try:
         old = GalleryIndex.load(out)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError) as error:
         logger.warning("existing index in %s is unreadable (%s); rebuilding from scratch", out, error)
         return {}, []
     changed = [key for key in _IDENTITY_KEYS if old.metadata.get(key) != metadata[key]]
@@ -308,6 +398,193 @@ def _file_stat(path: Path) -> dict[str, int]:
 
 def _stat_of(entry: dict[str, Any]) -> dict[str, int | None]:
     return {"size": entry.get("size"), "mtime_ns": entry.get("mtime_ns")}
+
+
+def _check_not_holding(out: Path, root: Path) -> None:
+    """Refuse an index folder that is the image folder or one of its parents: replacing it would
+    replace the images."""
+    if root.is_relative_to(out):
+        raise GalleryIndexError(
+            f"index folder {out} is or contains the image folder {root}; writing the index there would replace "
+            f"the images; choose another folder, e.g. {root / '.upperson-index'} (the default)"
+        )
+
+
+def _is_index_folder(folder: Path) -> bool:
+    """Whether ``folder/index.json`` carries the upperson gallery-index format marker."""
+    try:
+        payload = json.loads((folder / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and payload.get("format") == INDEX_FORMAT
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to write over ``out`` unless it is absent, empty, or an index holding only its own files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GalleryIndexError(f"index folder {out} exists and is not a folder; choose a new or empty folder for the index")
+    names = sorted(entry.name for entry in out.iterdir())
+    if not names:
+        return
+    if not _is_index_folder(out):
+        raise GalleryIndexError(
+            f"index folder {out} is not empty and is not an upperson index (no {INDEX_FILE} of format "
+            f"{INDEX_FORMAT!r}); choose a new or empty folder for the index"
+        )
+    foreign = [name for name in names if name not in _INDEX_FILES]
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GalleryIndexError(
+            f"index folder {out} holds {listed}, not written by upperson; move them out or choose another folder for the index"
+        )
+
+
+def _remove_index_folder(folder: Path) -> None:
+    """Delete the index files in ``folder`` and then the folder if that left it empty; nothing else."""
+    for name in _INDEX_FILES:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError as error:
+        logger.warning("left %s in place: it holds files upperson did not write (%s)", folder, error)
+
+
+@contextmanager
+def _index_lock(out: Path) -> Iterator[None]:
+    """Hold ``<out>.lock`` (created exclusively, holding this pid) while writing the index ``out``.
+
+    A lock whose pid is no longer running on this machine was left by a crash and is taken over.
+    """
+    lock = out.with_name(f"{out.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _lock_holder(lock)
+        if holder is None or _running(holder):
+            who = f"another process (pid {holder})" if holder is not None else "another process"
+            raise GalleryIndexError(
+                f"{who} is writing the index {out} (lock file {lock}); wait for it to finish, "
+                f"or delete {lock} if no `upperson index` is running"
+            ) from None
+        logger.warning("taking over the stale lock %s: its process %d is not running", lock, holder)
+        lock.unlink(missing_ok=True)
+        handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(handle, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        return True
+    return True
+
+
+def _read_index_file(index_file: Path) -> dict[str, Any]:
+    """``index.json`` as a dict whose fields have the types :meth:`GalleryIndex._write` gives them."""
+    try:
+        payload = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GalleryIndexError(f"{index_file}: not valid JSON ({error}); {_REBUILD}") from error
+    if not isinstance(payload, dict):
+        raise GalleryIndexError(f"{index_file}: must be a JSON object, got {type(payload).__name__}; {_REBUILD}")
+    if payload.get("format") != INDEX_FORMAT:
+        raise GalleryIndexError(f"{index_file}: not an upperson gallery index (format {payload.get('format')!r})")
+    version = payload.get("format_version")
+    if not _is_int(version) or version > INDEX_FORMAT_VERSION:
+        raise GalleryIndexError(
+            f"{index_file}: format version {version!r} is not one this upperson reads (<= {INDEX_FORMAT_VERSION}): "
+            f"written by a newer upperson? upgrade upperson or {_REBUILD}"
+        )
+    paths, files, skipped = payload.get("paths"), payload.get("files"), payload.get("skipped", [])
+    checks = [
+        ("image_dir", isinstance(payload.get("image_dir"), str) and Path(payload["image_dir"]).is_absolute(), "be an absolute path"),
+        ("metadata", isinstance(payload.get("metadata"), dict), "be an object"),
+        ("paths", isinstance(paths, list) and all(isinstance(path, str) for path in paths), "be a list of strings"),
+        ("files", isinstance(files, dict), "be an object"),
+        (
+            "files",
+            isinstance(files, dict) and isinstance(paths, list) and set(files) == set(paths)
+            and all(isinstance(stat, dict) and _is_int(stat.get("size")) and _is_int(stat.get("mtime_ns")) for stat in files.values()),
+            "map each path to its size and mtime_ns (integers)",
+        ),
+        (
+            "skipped",
+            isinstance(skipped, list)
+            and all(isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("error"), str) for entry in skipped),
+            'be a list of {"path", "error"} objects',
+        ),
+    ]
+    for name, ok, expectation in checks:
+        if not ok:
+            raise GalleryIndexError(f"{index_file}: field '{name}' must {expectation}; {_REBUILD}")
+    return payload
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entries(paths: list[str], root: Path, index_file: Path) -> None:
+    """Every path must be relative, free of ``..`` and resolve (symlinks followed) inside ``root``.
+
+    Each folder is resolved once and each file only when it is a symlink: one ``lstat`` per image.
+    """
+    real_root = root.resolve()
+    folder_inside: dict[str, bool] = {}
+    for number, path in enumerate(paths):
+        problem = None
+        if not path:
+            problem = "is empty"
+        elif path.startswith("/") or os.path.isabs(path):
+            problem = "is absolute"
+        elif ".." in path.replace(os.sep, "/").split("/"):
+            problem = "contains '..'"
+        else:
+            folder = path.rpartition("/")[0]
+            if folder not in folder_inside:
+                folder_inside[folder] = (real_root / folder).resolve().is_relative_to(real_root)
+            file = os.path.join(real_root, path)
+            if not folder_inside[folder] or (os.path.islink(file) and not Path(file).resolve().is_relative_to(real_root)):
+                problem = f"resolves outside the gallery {real_root} (a symlink?)"
+        if problem is not None:
+            raise GalleryIndexError(f"tampered or invalid {index_file}: entry {number} path {path!r} {problem}; {_REBUILD}")
+
+
+def _read_features(features_file: Path, rows: int) -> torch.Tensor:
+    try:
+        tensors = load_file(str(features_file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise GalleryIndexError(f"{features_file}: not a readable safetensors file ({error}); {_REBUILD}") from error
+    if "features" not in tensors:
+        raise GalleryIndexError(f"{features_file}: holds no 'features' tensor; {_REBUILD}")
+    features = tensors["features"]
+    if features.dim() != 2 or not features.is_floating_point():
+        raise GalleryIndexError(
+            f"{features_file}: 'features' must be a [N, D] matrix, got shape {tuple(features.shape)} of {features.dtype}; {_REBUILD}"
+        )
+    if features.shape[0] != rows:
+        raise GalleryIndexError(f"{features_file}: {features.shape[0]} feature rows but {rows} paths in {INDEX_FILE}; {_REBUILD}")
+    return features
 
 
 class _GalleryImages(Dataset):
@@ -376,10 +653,15 @@ def _encode_images(
 @torch.no_grad()
 def encode_queries(model: RetrievalModel, queries: Sequence[str], device: torch.device, precision: str = "fp32") -> torch.Tensor:
     """``[Q, D]`` L2-normalised float32 text features."""
+    queries = list(queries)
+    for query, dropped in zip(queries, dropped_tokens(queries), strict=True):
+        if dropped:
+            shown = query if len(query) <= 60 else query[:60] + "..."
+            logger.warning("query %r is too long for the text encoder: its last %d tokens were dropped; shorten it", shown, dropped)
     was_training = model.training
     model.eval()
     with autocast(device, precision):
-        features = model.encode_text(tokenize(list(queries)).to(device))
+        features = model.encode_text(tokenize(queries).to(device))
     model.train(was_training)
     return F.normalize(features.float(), dim=-1)
 
