@@ -323,7 +323,7 @@ class _InterruptedTrainer:
     def __init__(self, config, run_dir: Path, **options) -> None:
         self.run_dir = Path(run_dir)
 
-    def fit(self, resume: bool = False):
+    def fit(self, resume: bool = False, overwrite: bool = False):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text("{}\n")
         raise KeyboardInterrupt

@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.root=/data or backbone=ViT-B-16.pt")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run after its last completed epoch")
     train.add_argument("--run-dir", type=Path, help="where to write the run (default: output_dir/run_name)")
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="start over in a run directory that holds a run: the old run is moved to RUN_DIR.replaced-<time> (never deleted)",
+    )
 
     evaluate = commands.add_parser("eval", help="evaluate an adapter on a dataset split (also cross-domain)")
     evaluate.add_argument("--config", type=Path, help="the config the adapter was trained with (run_dir/config.yaml)")
@@ -230,10 +234,10 @@ def _train(args: argparse.Namespace) -> int:
     args.run_dir = run_dir  # main's Ctrl-C message names it in its resume hint
     if not distributed.is_main:  # under torchrun only rank 0 reports; the others show warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
-        Trainer(config, run_dir, distributed=distributed).fit(resume=bool(args.resume))
+        Trainer(config, run_dir, distributed=distributed).fit(resume=bool(args.resume), overwrite=args.overwrite)
         return EXIT_OK
     print(f"run directory: {run_dir}")
-    result = Trainer(config, run_dir, progress=_progress, distributed=distributed).fit(resume=bool(args.resume))
+    result = Trainer(config, run_dir, progress=_progress, distributed=distributed).fit(resume=bool(args.resume), overwrite=args.overwrite)
     print(f"test metrics ({result.selection}, epoch {result.best_epoch}):")
     print(format_metrics_table(result.test_metrics))
     print(f"adapter: {result.best_adapter}")

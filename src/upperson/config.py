@@ -26,6 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from upperson._io import atomic_path
 from upperson.losses import LOSS_NAMES
 from upperson.methods.registry import MethodOptionError, get_method
 
@@ -281,7 +282,9 @@ def override_fields(config: Any, overrides: list[str] | tuple[str, ...], origin:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the config as YAML atomically (a crash never leaves half a config behind)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 class _ConfigLoader(yaml.SafeLoader):

@@ -139,7 +139,7 @@ def run_variant(config: RunConfig, progress: Progress | None = None) -> dict[str
     if metrics_path.is_file():
         logger.info("%s: finished earlier (%s), not trained again", config.run_name, metrics_path)
     else:
-        resume = (run_dir / STATE_FILE).is_file()
+        resume = (run_dir / CONFIG_FILE).is_file()  # started earlier: continue (from epoch 0 if none completed)
         logger.info("%s: %s", config.run_name, "resuming after the last completed epoch" if resume else "training")
         Trainer(config, run_dir, progress=progress).fit(resume=resume)
     return json.loads(metrics_path.read_text())
@@ -156,7 +156,7 @@ def check_run_dir(config: RunConfig) -> None:
         changed = sorted(_diff(stored, config.to_dict()))
         raise ConfigError(
             f"{run_dir} holds a run of variant {config.run_name!r} with a different config (changed: {changed}); "
-            "delete that directory or rename the variant"
+            "move that directory away or rename the variant"
         )
 
 

@@ -88,7 +88,7 @@ def run_demo(run_dir: Path, data_dir: Path, epochs: int | None = None, progress:
         precision="fp32",
         progress=progress,
     )
-    result = Trainer(config, run_dir, progress=progress).fit()
+    result = Trainer(config, run_dir, progress=progress).fit(overwrite=True)  # a previous demo run is moved aside
     assert result is not None  # no early stop requested
     model = build_inference_model(config, result.best_adapter, device=torch.device("cpu"))
     split = load_dataset(config.data.dataset, config.data.root).split("test")

@@ -87,7 +87,16 @@ def load_training_state(
     """Restore everything :func:`save_training_state` wrote; returns the progress record."""
     if not path.is_file():
         raise FileNotFoundError(f"no training state at {path}: the run has not completed an epoch yet")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # torch reports corrupt zips and pickles this way
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path} is unreadable ({reason[:200]}); the run cannot resume from it: restore the file, or start over "
+            "in this run directory with --overwrite (the old run is moved aside)"
+        ) from error
+    if not isinstance(payload, dict) or not {"adapter", "optimizer", "scheduler", "rng", "completed_epochs"} <= set(payload):
+        raise ValueError(f"{path} is not an upperson training state; start over with --overwrite or restore the file")
     targets = model.trainable_state_dict()
     if set(payload["adapter"]) != set(targets):
         raise ValueError(f"{path}: adapter tensors do not match the model built from the run's config")

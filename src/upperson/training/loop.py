@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import upperson
-from upperson.config import RunConfig, save_config
+from upperson.config import RunConfig, load_config, save_config
 from upperson.data import check_dataset, load_dataset
 from upperson.data.datasets import ImageTextDataset, collate_skip_none
 from upperson.data.records import RetrievalDataset
@@ -40,6 +40,15 @@ from upperson.training.distributed import (
     resolve_distributed_device,
 )
 from upperson.training.history import CONFIG_FILE, append_history, log_to_file, write_metrics
+from upperson.training.run_dir import (
+    RunDirectoryError,
+    prepare_new_run,
+    rebuild_history,
+    remove_stale_temporaries,
+    resume_changes,
+    run_lock,
+)
+from upperson.training.schedule import sync_lr_with_schedule
 from upperson.training.step import TrainingParts, backward, build_training, loss_terms, optimizer_step
 
 logger = logging.getLogger(__name__)
@@ -109,20 +118,44 @@ class Trainer:
                 f"number of processes ({world}) x train.grad_accumulation ({config.train.grad_accumulation})"
             )
 
-    def fit(self, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult | None:
+    def fit(self, resume: bool = False, stop_after_epochs: int | None = None, overwrite: bool = False) -> TrainResult | None:
         """Train; returns ``None`` when stopped early by ``stop_after_epochs`` (resume later).
+
+        Args:
+            resume: continue the run in ``run_dir`` after its last completed epoch (from epoch 0 when
+                none completed); only :data:`~upperson.training.run_dir.RESUMABLE_FIELDS` may differ
+                from its ``config.yaml``, which is updated.
+            stop_after_epochs: stop (resumably) once this many epochs are complete.
+            overwrite: start a new run even if ``run_dir`` holds one; the old run is moved aside.
 
         Under torchrun every rank returns rank 0's result.
         """
         with process_group(self.distributed, self.device):
-            return self._fit(resume, stop_after_epochs)
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            with run_lock(self.run_dir) if self.is_main else nullcontext():
+                if self.is_main:
+                    self._prepare_run_dir(resume, overwrite)
+                barrier(self.distributed, self.device)
+                return self._fit(resume, stop_after_epochs)
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to overwrite another run (or move it aside), or check what a resume changes; record the config."""
+        if not resume:
+            prepare_new_run(self.run_dir, overwrite)
+            save_config(self.config, self.run_dir / CONFIG_FILE)
+            return
+        saved_path = self.run_dir / CONFIG_FILE
+        if not saved_path.is_file():
+            raise RunDirectoryError(f"--resume {self.run_dir}: no {CONFIG_FILE} there, so it holds no run to continue")
+        if resume_changes(load_config(saved_path), self.config, self.run_dir):
+            save_config(self.config, saved_path)
 
     def _fit(self, resume: bool, stop_after_epochs: int | None) -> TrainResult | None:
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         with log_to_file(self.run_dir) if self.is_main else nullcontext():
-            if not resume and self.is_main:
-                save_config(config, self.run_dir / CONFIG_FILE)
+            if self.is_main:
+                remove_stale_temporaries(self.run_dir)
             seed_everything(config.train.seed)
             dataset = self._load_validated_dataset()
             parts = build_training(config, dataset.num_train_ids, self.device, self.distributed)
@@ -135,11 +168,16 @@ class Trainer:
                 f"{counts['loss_head']:,}", "+".join(config.train.losses), parts.precision, config.train.precision, self.device,
             )
             state = TrainingState(0, None, None)
-            if resume:
+            if resume and (self.run_dir / STATE_FILE).is_file():
                 state = load_training_state(
                     self.run_dir / STATE_FILE, parts.model, parts.optimizer, parts.scheduler, parts.scaler, parts.objective
                 )
+                sync_lr_with_schedule(parts.scheduler)
                 logger.info("resuming after epoch %d", state.completed_epochs)
+            elif resume:
+                logger.info("no epoch of %s had completed: training from the start", self.run_dir)
+            if self.is_main:
+                rebuild_history(self.run_dir, state.completed_epochs)
             selection = self._selection_split(dataset)
             train_set = ImageTextDataset(
                 dataset.train,

@@ -56,3 +56,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_multiplier(epoch, total_epochs, config.warmup_epochs, config.warmup_factor)
     )
+
+
+def sync_lr_with_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set every group's lr to the schedule's value at ``last_epoch``, as ``scheduler.step()`` would have.
+
+    A resumed run restores the optimizer's stored lr, which belongs to the schedule the run was
+    started with; when ``train.epochs`` grew, that lr (0 at the old last epoch of the cosine) is wrong
+    for the extended schedule. Recomputing it with the same expression as LambdaLR leaves an
+    unchanged schedule bit-identical.
+    """
+    for group, base_lr, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
