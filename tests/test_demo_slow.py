@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from upperson.experiments.demo import run_demo
+from upperson.retrieval import GalleryIndex
 
 
 @pytest.mark.slow
@@ -16,3 +17,5 @@ def test_demo_beats_chance_tenfold_and_draws_the_figure(tmp_path: Path) -> None:
     assert result.metrics["t2i"]["R1"] >= 10 * result.chance_r1
     assert result.metrics["t2i"]["R1"] > result.zero_shot_metrics["t2i"]["R1"]
     assert result.figure.is_file() and result.adapter.is_file()
+    gallery = GalleryIndex.load(result.gallery_index)
+    assert len(gallery) == 400 and not gallery.skipped  # the synthetic test split: 100 ids x 4 images

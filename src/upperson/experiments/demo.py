@@ -20,13 +20,17 @@ from upperson.data.synthetic import generate_synthetic_cuhk
 from upperson.evaluation.evaluate import evaluate_split, extract_features
 from upperson.experiments.pretraining import pretrained_tiny_clip
 from upperson.retrieval.factory import build_inference_model
+from upperson.retrieval.gallery import GalleryIndex
 from upperson.runtime import Progress
+from upperson.training.history import CONFIG_FILE
 from upperson.training.loop import Trainer
 from upperson.visualize import save_retrieval_figure
 
 DEMO_IMAGE_SIZE = (128, 48)
 """8 x 3 patches of 16 pixels: pedestrian aspect ratio, cheap enough for a 2-core CPU."""
 FIGURE_QUERIES = 6
+GALLERY_INDEX_DIR = "gallery-index"
+"""Inside the demo's run directory: the test images indexed for ``upperson search`` / ``upperson serve``."""
 DEMO_EPOCHS = 14
 
 
@@ -40,6 +44,8 @@ class DemoResult:
     """The frozen pre-trained tiny CLIP without any PETL module, on the same test split."""
     chance_r1: float
     """Expected R@1 (%) of a random ranking on the synthetic test split."""
+    gallery_index: Path
+    """The synthetic test gallery indexed with the trained adapter, ready for ``upperson serve``."""
 
 
 def demo_config(data_root: Path, run_dir: Path, epochs: int, backbone: str) -> RunConfig:
@@ -104,4 +110,16 @@ def run_demo(run_dir: Path, data_dir: Path, epochs: int | None = None, progress:
         [[split.image_paths[g] for g in row.tolist()] for row in top],
         [[bool(image_pids[g] == text_pids[q]) for g in row.tolist()] for q, row in zip(queries, top)],
     )
-    return DemoResult(run_dir, result.best_adapter, figure, result.test_metrics, zero_shot, chance_r1(text_pids, image_pids))
+    GalleryIndex.build(
+        model,
+        Path(config.data.root) / "CUHK-PEDES" / "imgs" / "test_query",
+        run_dir / GALLERY_INDEX_DIR,
+        adapter=result.best_adapter,
+        config_path=run_dir / CONFIG_FILE,
+        image_size=config.data.image_size,
+        precision="fp32",
+        progress=progress,
+    )
+    return DemoResult(
+        run_dir, result.best_adapter, figure, result.test_metrics, zero_shot, chance_r1(text_pids, image_pids), run_dir / GALLERY_INDEX_DIR
+    )
