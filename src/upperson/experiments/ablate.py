@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from upperson._io import atomic_path
-from upperson.config import ConfigError, RunConfig, load_config
+from upperson.config import ConfigError, RunConfig, load_config, read_yaml
 from upperson.data import load_dataset
 from upperson.methods import get_method
 from upperson.runtime import Progress
@@ -85,11 +84,9 @@ class AblationRow:
 def read_variants(path: str | Path) -> list[Variant]:
     """Parse and check a variants file (see the module docstring); errors name the file and entry."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = read_yaml(path)  # the config value syntax, duplicate keys refused
     except FileNotFoundError as error:
         raise ConfigError(f"variants file {path} does not exist") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML ({error})") from error
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{path}: must be a non-empty YAML list of {{name: ..., set: {{key: value}}}} entries")
     variants, seen = [], set()
