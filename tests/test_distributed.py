@@ -1,4 +1,5 @@
-"""Two-process DDP training on CPU (Gloo): gradients are the ranks' mean, ranks agree, rank 0 writes, resume.
+"""Two-process DDP training on CPU (Gloo): gradients are the ranks' mean, ranks agree, rank 0 writes, resume;
+``train.sdm_scope: global`` gives the single-process SDM/ITC of the global batch.
 
 One spawn of two workers runs every scenario (spawning costs seconds); the tests read what the
 workers left in a temporary folder.
@@ -7,6 +8,7 @@ workers left in a temporary folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -20,16 +22,33 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_training import tiny_overrides, write_cuhk_fixture
 
-from upperson.config import load_config
+from upperson.config import ConfigError, load_config
 from upperson.losses import MLM_IGNORE_INDEX
 from upperson.runtime import seed_everything
-from upperson.training.distributed import DistributedEnv, process_group, resolve_distributed_device
+from upperson.training.distributed import DistributedEnv, gather_global_batch, process_group, resolve_distributed_device
 from upperson.training.loop import Trainer
+from upperson.training.objective import TrainingObjective
 from upperson.training.step import TrainingParts, build_training, loss_terms
 
 WORLD = 2
 TIMEOUT_S = 120
 TRAIN_OVERRIDES = ["train.losses=[sdm,id]", "train.id_lr_factor=5", "train.epochs=2"]
+NUM_IDS = 4
+SCOPE_SCENARIOS = {
+    # name: (overrides, rows of rank 0 and rank 1); the global batch is their concatenation
+    "global_sdm": (["train.losses=[sdm]", "train.sdm_scope=global"], (4, 4)),
+    "global_itc": (["train.losses=[itc]", "train.sdm_scope=global"], (4, 4)),
+    "global_all": (["train.losses=[sdm,itc,id,mlm]", "train.sdm_scope=global"], (4, 4)),
+    "global_unequal": (["train.losses=[sdm]", "train.sdm_scope=global"], (4, 3)),
+    "local_sdm": (["train.losses=[sdm]", "train.sdm_scope=local"], (4, 4)),
+}
+GRAD_ATOL = 1e-5
+"""fp32: the largest gradient difference allowed, relative to the largest |gradient| of the whole
+model. Summation order differs (two ranks, then DDP's mean, vs one matmul); observed up to 2.5e-6,
+and ~1e-15 when the same scenarios run in fp64. A bound relative to each tensor's own maximum would
+not hold for the tiny gradients of the scale parameters, whose rounding comes from larger terms."""
+LOSS_RTOL = 1e-6
+"""fp32: relative difference allowed between loss values (the encoders batch the rows differently)."""
 
 
 class _RecordingTrainer(Trainer):
@@ -62,16 +81,61 @@ def _local_batch(parts: TrainingParts, rank: int, size: int = 4) -> dict[str, to
     return {
         "images": torch.randn(size, 3, 64, 32, generator=generator),
         "caption_ids": caption_ids,
-        "pids": torch.tensor([0, 0, 1, 2]) + rank,
+        "pids": (torch.tensor([0, 0, 1, 2]) + rank)[:size],  # ids 1 and 2 on both ranks
         "mlm_ids": mlm_ids,
         "mlm_labels": mlm_labels,
     }
 
 
 def _gradients(parts: TrainingParts, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return _step(parts, batch)[1]
+
+
+def _step(parts: TrainingParts, batch: dict[str, torch.Tensor], backward: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The loss terms of one forward and, after its backward, the trainable gradients (none without it)."""
     terms = loss_terms(parts, batch["images"], batch["caption_ids"], batch["pids"], "fp32", batch["mlm_ids"], batch["mlm_labels"])
-    sum(terms.values()).backward()
-    return _trainable_grads(parts)
+    if backward:
+        sum(terms.values()).backward()
+    return {name: term.item() for name, term in terms.items()}, _trainable_grads(parts) if backward else {}
+
+
+class _Messages(logging.Handler):
+    """Collects the INFO messages of one logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _scope_scenarios(rank: int, env: DistributedEnv, device: torch.device, data_root: Path, out: Path) -> None:
+    """Each scenario through DDP as the Trainer wraps it, on this rank's slice of a fixed global batch.
+
+    The samplers split an epoch differently in one process and under DDP, so the global batch is
+    fed explicitly: rank ``r`` takes the ``r``-th block of rows, the order the gather concatenates
+    in. Rank 0 also runs the unwrapped single-process reference on the whole global batch and, for
+    the per-rank losses, on each slice.
+    """
+    step_logger = logging.getLogger("upperson.training.step")
+    step_logger.setLevel(logging.INFO)
+    for name, (overrides, sizes) in SCOPE_SCENARIOS.items():
+        config = load_config(None, tiny_overrides(data_root, out) + overrides)
+        handler = _Messages()
+        step_logger.addHandler(handler)
+        seed_everything(config.train.seed)
+        ddp = build_training(config, NUM_IDS, device, env)
+        step_logger.removeHandler(handler)
+        slices = [_local_batch(ddp, r, size) for r, size in enumerate(sizes)]
+        record = {"ddp": _step(ddp, slices[rank]), "log": handler.messages}
+        if rank == 0:
+            seed_everything(config.train.seed)
+            single = build_training(config, NUM_IDS, device)
+            whole = {key: torch.cat([piece[key] for piece in slices]) for key in slices[0]}
+            record["single"] = _step(single, whole)
+            record["single_slices"] = [_step(single, piece, backward=False)[0] for piece in slices]
+        torch.save(record, out / f"{name}_rank{rank}.pt")
 
 
 def _worker(rank: int, port: int, data_root: Path, out: Path) -> None:
@@ -80,6 +144,7 @@ def _worker(rank: int, port: int, data_root: Path, out: Path) -> None:
     env = DistributedEnv.from_environment()
     device = torch.device("cpu")
     with process_group(env, device):
+        _scope_scenarios(rank, env, device, data_root, out)
         # one step of SDM + ID + MLM: DDP-wrapped on the local batch vs unwrapped on the same batch
         config = load_config(None, tiny_overrides(data_root, out) + ["train.losses=[sdm,id,mlm]"])
         seed_everything(config.train.seed)
@@ -162,6 +227,87 @@ def test_resume_under_two_processes_matches_the_uninterrupted_run(runs: Path) ->
     assert results[0] == results[1]  # every rank returns rank 0's result
     straight = json.loads((runs / "straight" / "metrics.json").read_text())
     assert straight["t2i"]["R1"] == pytest.approx(results[0]["t2i"]["R1"])
+
+
+def _scope_records(runs: Path, scenario: str) -> list[dict]:
+    return [torch.load(runs / f"{scenario}_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+
+
+def _assert_single_process_gradients(records: list[dict]) -> None:
+    """Every trainable gradient on every rank (after DDP's mean) is the single-process one on the global batch."""
+    expected = records[0]["single"][1]
+    assert any(not name.startswith("objective.") for name in expected)
+    tolerance = GRAD_ATOL * max(float(grad.abs().max()) for grad in expected.values())
+    assert tolerance > 0
+    for rank, record in enumerate(records):
+        grads = record["ddp"][1]
+        assert grads.keys() == expected.keys()
+        for name, reference in expected.items():
+            torch.testing.assert_close(grads[name], reference, rtol=0, atol=tolerance, msg=f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize("loss", ["sdm", "itc"])
+def test_global_scope_loss_and_gradients_equal_one_process_on_the_global_batch(runs: Path, loss: str) -> None:
+    records = _scope_records(runs, f"global_{loss}")
+    single, per_slice = records[0]["single"][0][loss], [terms[loss] for terms in records[0]["single_slices"]]
+    assert abs(single - sum(per_slice) / WORLD) > 1e-2  # the global loss is not the mean of the local ones
+    for record in records:
+        assert record["ddp"][0][loss] == pytest.approx(single, rel=LOSS_RTOL)
+    _assert_single_process_gradients(records)
+
+
+def test_global_scope_leaves_id_and_mlm_local(runs: Path) -> None:
+    records = _scope_records(runs, "global_all")
+    single, per_slice = records[0]["single"][0], records[0]["single_slices"]
+    for rank, record in enumerate(records):
+        terms = record["ddp"][0]
+        for loss in ("sdm", "itc"):
+            assert terms[loss] == pytest.approx(single[loss], rel=LOSS_RTOL)
+        for loss in ("id", "mlm"):
+            assert terms[loss] == pytest.approx(per_slice[rank][loss], rel=LOSS_RTOL)
+    for loss in ("id", "mlm"):  # equal slices (and masked positions): DDP's mean of local losses is the global one
+        assert sum(terms[loss] for terms in per_slice) / WORLD == pytest.approx(single[loss], rel=LOSS_RTOL)
+    grads = records[0]["single"][1]
+    assert any(name.startswith("objective.classifier") for name in grads) and any(name.startswith("objective.mlm") for name in grads)
+    _assert_single_process_gradients(records)  # so all four losses together train as one process would
+
+
+def test_global_scope_gathers_batches_of_different_lengths(runs: Path) -> None:
+    records = _scope_records(runs, "global_unequal")
+    for record in records:
+        assert record["ddp"][0]["sdm"] == pytest.approx(records[0]["single"][0]["sdm"], rel=LOSS_RTOL)
+    _assert_single_process_gradients(records)
+
+
+def test_local_scope_keeps_each_rank_on_its_own_batch(runs: Path) -> None:
+    records = _scope_records(runs, "local_sdm")
+    for rank, record in enumerate(records):
+        assert record["ddp"][0]["sdm"] == pytest.approx(records[0]["single_slices"][rank]["sdm"], rel=LOSS_RTOL)
+    assert records[0]["log"] == ["train.sdm_scope=local: sdm over each process's batch of 4 (train.sdm_scope=global: over all 8)"]
+    assert _scope_records(runs, "global_sdm")[0]["log"] == [
+        "train.sdm_scope=global: sdm over the global batch of 8 (features all-gathered from 2 processes)"
+    ]
+    assert "sdm+itc over the global batch" in _scope_records(runs, "global_all")[1]["log"][0]
+
+
+def test_global_scope_in_one_process_is_the_local_scope(tmp_path: Path) -> None:
+    features, pids = torch.randn(3, 8), torch.tensor([0, 1, 1])
+    assert all(a is b for a, b in zip(gather_global_batch(features, features, pids), (features, features, pids)))
+    image, text = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    pids = torch.tensor([0, 0, 1, 2, 2, 3])
+    results = {}
+    for scope in ("local", "global"):
+        objective = TrainingObjective(["sdm", "itc", "id"], 8, NUM_IDS, 0.02, sdm_scope=scope)
+        torch.manual_seed(0)
+        objective.reset_parameters()
+        loss = sum(objective(image, text, pids).values())
+        results[scope] = (loss, *torch.autograd.grad(loss, [image, text]))
+    assert all(torch.equal(a, b) for a, b in zip(results["local"], results["global"]))
+    assert load_config(None, tiny_overrides(tmp_path, tmp_path)).train.sdm_scope == "local"
+    config = load_config(None, tiny_overrides(tmp_path, tmp_path) + ["train.sdm_scope=global"])
+    assert build_training(config, NUM_IDS, torch.device("cpu")).objective.sdm_scope == "local"  # no distributed env
+    with pytest.raises(ConfigError, match="train.sdm_scope"):
+        load_config(None, tiny_overrides(tmp_path, tmp_path) + ["train.sdm_scope=world"])
 
 
 def test_environment_and_global_batch_checks(tmp_path: Path) -> None:

@@ -134,6 +134,10 @@ class TrainConfig:
     id_lr_factor: float = 1.0
     """Learning-rate multiplier of the loss heads (ID classifier, MLM head): 1 = UP-Person code (one lr for
     all tensors), 5 = IRRA (which leaves the MLM head's LayerNorms at the base lr; here the whole head gets it)."""
+    sdm_scope: Literal["local", "global"] = "local"
+    """Batch the SDM and ITC losses contrast under torchrun: local = each process's own samples (the official DDP
+    code); global = the samples of all N processes, features all-gathered with their gradients, so N processes compute
+    exactly the single-process loss of the whole batch. ID and MLM stay per process; a single process is unaffected."""
 
     def __post_init__(self) -> None:
         if not self.losses:
@@ -147,6 +151,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accumulation", "eval_every", "log_every"):
             _at_least(getattr(self, name), 1, f"train.{name}")
         _positive(self.temperature, "train.temperature")
+        _require(self.sdm_scope in ("local", "global"), "train.sdm_scope", "'local' or 'global'", self.sdm_scope)
 
 
 @dataclass

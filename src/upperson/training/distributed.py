@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from upperson.losses import at_least_fp32
 from upperson.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,70 @@ def broadcast_from_main(value: Any, env: DistributedEnv) -> Any:
     box = [value if env.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Differentiable all-gather along dim 0 of batches that may differ in length between ranks.
+
+    Forward: rank ``r`` contributes ``x_r`` (``sizes[r]`` rows) and every rank receives
+    ``X = cat(x_0, ..., x_{N-1})``. Backward: rank ``r`` holds ``∂L_r/∂X`` for its own loss
+    ``L_r``; the all-reduce sums these over the ranks, and the slice of this rank's rows is
+    ``∂(Σ_r' L_r')/∂x_r``, the gradient of the *sum* of all ranks' losses with respect to this
+    rank's samples (the other ranks' samples are leaves here, their encoders run elsewhere).
+
+    Combined with DDP, which averages parameter gradients over the N ranks, training optimises
+    ``(1/N) Σ_r' L_r'``. When every rank computes the same loss ``L`` on the gathered batch,
+    that is ``L`` itself: the parameter gradients equal those of one process computing ``L`` on
+    the whole batch. (Without the all-reduce, rank ``r`` would pass on only ``∂L_r/∂x_r``, and
+    DDP's averaging would leave ``1/N`` of the true gradient.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))  # all_gather needs equal shapes
+        padded[: len(rows)] = rows
+        slots = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(slots, padded)
+        return torch.cat([slot[:size] for slot, size in zip(slots, sizes)])  # [sum(sizes), ...]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place; autograd's buffer is not ours
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def gather_global_batch(
+    image_features: torch.Tensor, text_features: torch.Tensor, pids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch of all ranks, in rank order, with gradients flowing back to each rank's own samples.
+
+    Features are gathered in at least fp32 (the precision the losses use anyway), image and text
+    features together in one collective; ``pids`` need no gradient. Ranks may hold batches of
+    different lengths (e.g. after unreadable images were skipped). Without an initialised process
+    group of more than one process the inputs come back unchanged.
+
+    Args:
+        image_features: ``[b_r, D]`` this rank's image features.
+        text_features: ``[b_r, D]`` this rank's text features.
+        pids: ``[b_r]`` this rank's person ids.
+
+    Returns:
+        ``[B, D]`` image features, ``[B, D]`` text features and ``[B]`` pids with ``B = Σ_r b_r``;
+        see :class:`_GatherRows` for why every rank's loss on them is the global loss.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return image_features, text_features, pids
+    length = torch.tensor([len(pids)], device=pids.device)
+    lengths = [torch.empty_like(length) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, length)
+    sizes = [int(size) for size in torch.cat(lengths).tolist()]
+    features = torch.cat([at_least_fp32(image_features), at_least_fp32(text_features)], dim=1)  # [b_r, 2D]
+    gathered = _GatherRows.apply(features, sizes)  # [B, 2D]
+    image_all, text_all = gathered.split([image_features.shape[1], text_features.shape[1]], dim=1)
+    return image_all, text_all, _GatherRows.apply(pids, sizes)
 
 
 def all_reduce_sum(values: list[float], env: DistributedEnv, device: torch.device) -> list[float]:

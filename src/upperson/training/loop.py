@@ -89,8 +89,9 @@ class Trainer:
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process trains on its share of the data with
     DistributedDataParallel: ``train.batch_size`` stays the global batch, each rank gets
-    ``batch_size / world_size``, and the losses are computed per rank on the local batch. Rank
-    ``r`` seeds augmentation with ``seed + r`` (the weights start identical on every rank). Only
+    ``batch_size / world_size``, and the losses are computed per rank on the local batch (SDM and
+    ITC on all ranks' batches with ``train.sdm_scope: global``). Rank ``r`` seeds augmentation
+    with ``seed + r`` (the weights start identical on every rank). Only
     rank 0 evaluates, writes the run directory and shows progress; the others wait at a barrier.
     """
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
 
 from upperson.losses import LOSS_NAMES, at_least_fp32, id_loss, itc_loss, mlm_loss, sdm_loss
+from upperson.training.distributed import gather_global_batch
 
 CLASSIFIER_INIT_STD = 0.001
 """IRRA initialises the classifier weight with N(0, 0.001²) and the bias with 0 (spec B.8)."""
@@ -23,6 +25,8 @@ MLM_DEPTH = 4
 """IRRA's ``--cmt_depth``: blocks of the cross-modal transformer after the cross-attention."""
 MLM_HEAD_WIDTH = 64
 """Width of one attention head in the MLM head (IRRA: ``embed_dim // 64`` heads)."""
+CONTRASTIVE_LOSSES = frozenset({"sdm", "itc"})
+"""Losses whose negatives are the other samples of the batch: the ones ``sdm_scope="global"`` gathers for."""
 
 
 class MLMHead(nn.Module):
@@ -90,19 +94,32 @@ class TrainingObjective(nn.Module):
         num_classes: number of training identities (output of the identity classifier).
         temperature: τ of the SDM and ITC logits.
         vocab_size: token vocabulary the MLM head predicts; required when ``"mlm"`` is selected.
+        sdm_scope: ``"global"`` computes SDM and ITC on the batch of all processes (features all-gathered
+            with their gradients, and pids: :func:`~upperson.training.distributed.gather_global_batch`),
+            ``"local"`` on this process's batch; ID and MLM always use the local batch. Without a
+            process group of several processes both are the same.
     """
 
     def __init__(
-        self, losses: Sequence[str], embed_dim: int, num_classes: int, temperature: float, vocab_size: int | None = None
+        self,
+        losses: Sequence[str],
+        embed_dim: int,
+        num_classes: int,
+        temperature: float,
+        vocab_size: int | None = None,
+        sdm_scope: Literal["local", "global"] = "local",
     ) -> None:
         super().__init__()
         unknown = [name for name in losses if name not in LOSS_NAMES]
         if unknown or not losses:
             raise ValueError(f"losses must be a non-empty selection of {LOSS_NAMES}, got {list(losses)}")
+        if sdm_scope not in ("local", "global"):
+            raise ValueError(f"sdm_scope must be 'local' or 'global', got {sdm_scope!r}")
         if "mlm" in losses and vocab_size is None:
             raise ValueError("the mlm loss needs the vocabulary size of the text encoder (vocab_size)")
         self.losses = tuple(losses)
         self.temperature = temperature
+        self.sdm_scope = sdm_scope
         self.classifier = nn.Linear(embed_dim, num_classes) if "id" in self.losses else None
         self.mlm = MLMHead(embed_dim, vocab_size) if "mlm" in self.losses else None
         self.reset_parameters()
@@ -128,11 +145,14 @@ class TrainingObjective(nn.Module):
         ``mlm_labels`` (``[B, L]``) are needed exactly when ``"mlm"`` is selected.
         """
         terms: dict[str, torch.Tensor] = {}
+        contrastive = (image_features, text_features, pids)
+        if self.sdm_scope == "global" and CONTRASTIVE_LOSSES & set(self.losses):
+            contrastive = gather_global_batch(image_features, text_features, pids)  # [B_global, D] x 2, [B_global]
         for name in self.losses:
             if name == "sdm":
-                terms[name] = sdm_loss(image_features, text_features, pids, temperature=self.temperature)
+                terms[name] = sdm_loss(*contrastive, temperature=self.temperature)
             elif name == "itc":
-                terms[name] = itc_loss(image_features, text_features, temperature=self.temperature)
+                terms[name] = itc_loss(*contrastive[:2], temperature=self.temperature)
             elif name == "id":
                 weight = self.classifier.weight
                 image_logits = self.classifier(at_least_fp32(image_features).to(weight.dtype))  # [B, num_classes]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,10 @@ from upperson.config import RunConfig
 from upperson.methods import RetrievalModel, create_model
 from upperson.runtime import LOW_PRECISION, Precision, autocast, grad_scaler, resolve_precision
 from upperson.training.distributed import DistributedEnv, wrap_ddp
-from upperson.training.objective import TrainingObjective
+from upperson.training.objective import CONTRASTIVE_LOSSES, TrainingObjective
 from upperson.training.schedule import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,7 +85,8 @@ def build_training(
 
     With a multi-process ``distributed`` (process group initialised) the model and loss heads are
     also wrapped in DistributedDataParallel (``parts.wrapped``), which :func:`loss_terms` then
-    calls; ``parts.model`` stays the unwrapped model, so adapter keys do not change.
+    calls; ``parts.model`` stays the unwrapped model, so adapter keys do not change. Only then does
+    ``train.sdm_scope`` apply (logged at INFO); without ``distributed`` the objective is local.
     """
     precision = resolve_precision(config.train.precision, device)
     model = create_model(
@@ -91,19 +95,42 @@ def build_training(
     model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
     if precision in LOW_PRECISION:
         model.store_frozen_matmul_weights(LOW_PRECISION[precision])
+    multi_process = distributed is not None and distributed.enabled
     objective = TrainingObjective(
         config.train.losses,
         model.backbone_spec.embed_dim,
         num_train_ids,
         config.train.temperature,
         vocab_size=model.clip.token_embedding.num_embeddings,
+        sdm_scope=config.train.sdm_scope if multi_process else "local",
     ).to(device)
+    if multi_process:
+        _log_sdm_scope(config, distributed.world_size)
     optimizer = build_optimizer(model, config.optim, head=objective, head_lr_factor=config.train.id_lr_factor)
     scheduler = build_scheduler(optimizer, config.optim, config.train.epochs)
     wrapped = None
-    if distributed is not None and distributed.enabled:
+    if multi_process:
         wrapped = wrap_ddp(LossStep(model, objective), device)
     return TrainingParts(model, objective, optimizer, scheduler, grad_scaler(precision, device), precision, wrapped)
+
+
+def _log_sdm_scope(config: RunConfig, world_size: int) -> None:
+    """Say which batch the contrastive losses of a multi-process run see."""
+    train = config.train
+    contrastive = [name for name in train.losses if name in CONTRASTIVE_LOSSES]
+    if not contrastive:
+        logger.info("train.sdm_scope=%s has no effect: train.losses has neither sdm nor itc", train.sdm_scope)
+    elif train.sdm_scope == "global":
+        logger.info(
+            "train.sdm_scope=global: %s over the global batch of %d (features all-gathered from %d processes)",
+            "+".join(contrastive), train.batch_size // train.grad_accumulation, world_size,
+        )
+    else:
+        logger.info(
+            "train.sdm_scope=local: %s over each process's batch of %d (train.sdm_scope=global: over all %d)",
+            "+".join(contrastive), train.batch_size // (world_size * train.grad_accumulation),
+            train.batch_size // train.grad_accumulation,
+        )
 
 
 def loss_terms(
@@ -122,7 +149,8 @@ def loss_terms(
     (caption masking on, as in the official code) its EOT row is the text feature.
 
     Under DDP (``parts.wrapped``) the losses see this rank's batch only, as in the official DDP
-    path; the backward pass then averages the gradients over the ranks.
+    path, except SDM and ITC with ``train.sdm_scope: global``, which see every rank's batch; the
+    backward pass then averages the gradients over the ranks.
     """
     if parts.wrapped is not None:
         return parts.wrapped(images, caption_ids, pids, precision, mlm_ids=mlm_ids, mlm_labels=mlm_labels)
