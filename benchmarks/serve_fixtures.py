@@ -36,16 +36,21 @@ def vit_b16_checkpoint(folder: Path) -> Path:
 
 
 def random_adapters(folder: Path, checkpoint: Path, count: int) -> tuple[upperson.RetrievalModel, list[Path]]:
-    """``count`` adapter files of different random PETL tensors, and the model they were written from."""
+    """``count`` adapter files of different random PETL tensors (files already there are kept: their
+    bytes, and so the SHA-256 an index records, differ between writes because safetensors orders the
+    metadata differently per process), and the model they were written from."""
     model = upperson.create_model("up-person", backbone=str(checkpoint), image_size=IMAGE_SIZE)
     adapters = []
     for seed in range(count):
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for tensor in model.trainable_state_dict().values():
-                noise = torch.randn(tensor.shape, generator=generator)
-                tensor.copy_(1.0 + 0.1 * noise if tensor.dim() == 0 else 0.02 * noise)
-        adapters.append(upperson.save_adapter(model, folder / f"adapter-{seed}.safetensors"))
+        path = folder / f"adapter-{seed}.safetensors"
+        if not path.is_file():
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for tensor in model.trainable_state_dict().values():
+                    noise = torch.randn(tensor.shape, generator=generator)
+                    tensor.copy_(1.0 + 0.1 * noise if tensor.dim() == 0 else 0.02 * noise)
+            upperson.save_adapter(model, path)
+        adapters.append(path)
     return model, adapters
 
 
