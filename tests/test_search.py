@@ -225,3 +225,21 @@ def test_faiss_ranking_equals_torch(tmp_path: Path, run: tuple[Path, Path], gall
     for torch_hits, faiss_hits in zip(exact, with_faiss):
         assert [hit.path for hit in torch_hits] == [hit.path for hit in faiss_hits]
         assert [hit.score for hit in torch_hits] == pytest.approx([hit.score for hit in faiss_hits], abs=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "queries", "block", "buffer"), [(1000, 1, 64, 1 << 24), (1000, 7, 96, 2500), (5, 3, 2048, 1 << 24)])
+def test_rank_torch_equals_brute_force(rows: int, queries: int, block: int, buffer: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks that do not divide the gallery, query groups (a score buffer of 2 or 3 queries), tiny galleries."""
+    from upperson.retrieval import gallery as search
+
+    monkeypatch.setattr(search, "_SCORE_BLOCK", block)
+    monkeypatch.setattr(search, "_SCORE_BUFFER", buffer)
+    generator = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(rows, 32, generator=generator), dim=1).half()
+    query_features = F.normalize(torch.randn(queries, 32, generator=generator), dim=1)
+    k = min(10, rows)
+    scores, indices = search._rank_torch(query_features, features, k)
+    reference = (query_features.double() @ features.double().t()).float()  # [Q, N]
+    expected_scores, expected_indices = reference.topk(k, dim=1)
+    assert torch.equal(indices, expected_indices)
+    assert torch.allclose(scores, expected_scores, atol=1e-6)

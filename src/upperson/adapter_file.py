@@ -130,6 +130,30 @@ def load_adapter(
         AdapterMismatchError: wrong method, config, architecture, backbone weights, keys or shapes.
     """
     path = Path(path)
+    tensors, metadata = read_adapter_for(model, path, allow_other_backbone_weights)
+    targets = model.trainable_state_dict()
+    was_merged = model.lora_merged
+    model.unmerge_lora()
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
+    if was_merged:
+        model.merge_lora()
+    return {**metadata, "config": _json_object(metadata, "config", path), "backbone": _json_object(metadata, "backbone", path)}
+
+
+def read_adapter_for(
+    model: RetrievalModel,
+    path: str | os.PathLike[str],
+    allow_other_backbone_weights: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an adapter file, checked (as :func:`load_adapter` checks them) to fit
+    ``model``, without touching it: for keeping several adapters of one model in memory.
+
+    Raises:
+        AdapterMismatchError: wrong method, config, architecture, backbone weights, keys or shapes.
+    """
+    path = Path(path)
     tensors, metadata = read_adapter(path)
     _check_compatible(model, metadata, path, allow_other_backbone_weights)
     targets = model.trainable_state_dict()
@@ -139,14 +163,7 @@ def load_adapter(
     for name, tensor in tensors.items():
         if tensor.shape != targets[name].shape:
             raise AdapterMismatchError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(targets[name].shape)}")
-    was_merged = model.lora_merged
-    model.unmerge_lora()
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            targets[name].copy_(tensor)
-    if was_merged:
-        model.merge_lora()
-    return {**metadata, "config": _json_object(metadata, "config", path), "backbone": _json_object(metadata, "backbone", path)}
+    return tensors, metadata
 
 
 def _check_compatible(model: RetrievalModel, metadata: dict[str, str], path: Path, allow_other_weights: bool) -> None:

@@ -157,6 +157,26 @@ def _parser() -> argparse.ArgumentParser:
         help="use FAISS (exact, if installed) for galleries larger than this (default: %(default)s)",
     )
 
+    serve = commands.add_parser(
+        "serve",
+        help="search API and page over indexed galleries (FastAPI on uvicorn; needs upperson[serve])",
+        description="Serve one or more gallery indexes (`upperson index`) as named scenarios: a JSON API under /api "
+        "(docs at /docs) and a search page at /. Scenarios on the same backbone share one copy of it in memory; each "
+        "keeps only its adapter.",
+    )
+    serve.add_argument("--scenario", action="append", default=[], metavar="NAME=INDEX_DIR", help="a scenario (repeatable)")
+    serve.add_argument(
+        "--config", type=Path, metavar="SERVE_YAML",
+        help="YAML list of scenarios: '- {name: NAME, index: INDEX_DIR, adapter: FILE}' (adapter optional; paths relative to the file)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument(
+        "--token", help="require 'Authorization: Bearer TOKEN' on /api (default: $UPPERSON_TOKEN; the variable keeps it out of `ps`)"
+    )
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    serve.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
     demo = commands.add_parser("demo", help="generate synthetic pedestrians, train UP-Person on a tiny CLIP, evaluate, draw results")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     demo.add_argument("--data-dir", type=Path, default=Path(".cache/upperson-synthetic"), help="synthetic dataset cache")
@@ -395,6 +415,37 @@ def _search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    try:
+        from upperson.retrieval.serve import create_app, run_server
+    except ImportError as error:  # FastAPI and uvicorn are the optional `serve` extra
+        raise ValueError(f"upperson serve needs FastAPI and uvicorn: pip install 'upperson[serve]' ({error})") from error
+    from upperson.retrieval.scenarios import ScenarioSpec, Scenarios, read_scenario_file
+
+    specs = [ScenarioSpec.parse(text) for text in args.scenario]
+    if args.config:
+        specs += read_scenario_file(args.config)
+    if not specs:
+        raise ValueError("give at least one --scenario NAME=INDEX_DIR or --config SERVE_YAML")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    token = args.token if args.token is not None else os.environ.get("UPPERSON_TOKEN") or None
+    scenarios = Scenarios(specs, device=resolve_device(args.device))
+    for scenario in scenarios:
+        print(f"scenario {scenario.name}: {len(scenario.index)} images of {scenario.index.image_dir}")
+    print(f"{len(scenarios)} scenario(s) on {len(scenarios.models)} model(s), {len(scenarios.backbones)} backbone(s) in memory")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"search page: http://{host}:{args.port}/  API docs: http://{host}:{args.port}/docs" + ("  (token required)" if token else ""))
+    run_server(create_app(scenarios, token=token), args.host, args.port)
+    return EXIT_OK
+
+
 def format_hits_table(hits: Sequence[SearchHit], root: Path) -> str:
     """rank | score | path (relative to the gallery root)."""
     lines = [f"{'rank':>4}  {'score':>7}  path"]
@@ -429,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "info": _info, "convert": _convert, "train": _train, "eval": _eval, "data": _data, "demo": _demo,
         "ablate": _ablate, "cross-domain": _cross_domain, "profile": _profile, "index": _index, "search": _search,
+        "serve": _serve,
     }
     prefix = f"upperson {args.command}"
     try:

@@ -4,8 +4,9 @@
 transforms) and stores the features as float16 safetensors plus a JSON file of relative paths,
 per-file size/mtime and the model's identity. Re-building the same folder is incremental: files
 whose size and mtime are unchanged keep their features. ``GalleryIndex.search`` ranks the gallery
-by cosine similarity to text queries, exactly (torch matmul in chunks, or FAISS ``IndexFlatIP`` for
-large galleries when FAISS is installed).
+by cosine similarity to text queries, exactly (torch matmul in cache-sized blocks, or FAISS
+``IndexFlatIP`` for large galleries when FAISS is installed); ``GalleryIndex.rank`` does the same for
+query features from anywhere (an image, another row).
 
 Features are stored in float16: half the disk of float32, and a cosine score of unit vectors moves
 by ~1e-3 at most, which only reorders near-ties.
@@ -33,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
@@ -54,8 +56,14 @@ INDEX_FORMAT_VERSION = 1
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 FAISS_THRESHOLD = 100_000
 """Galleries larger than this use FAISS (when importable); below it torch matmul is as fast."""
-_GALLERY_CHUNK = 65_536
-"""Gallery rows scored at a time by the torch path (bounds memory to chunk x queries floats)."""
+_SCORE_BLOCK = 2048
+"""Gallery rows the torch path converts to float32 and multiplies at a time: 4 MiB at 512 dimensions,
+which stays in the CPU cache between the conversion and the product. Converting into one reused
+buffer matters: a fresh float32 copy per chunk (page faults on every new allocation) made ranking a
+1M-row gallery ~5x slower than the products themselves."""
+_SCORE_BUFFER = 1 << 24
+"""Most query x gallery scores the torch path holds at once (64 MiB of float32); more queries are
+ranked in groups."""
 _INDEX_FILES = (INDEX_FILE, FEATURES_FILE)
 """Everything an index folder holds; nothing else in it is ever removed."""
 _REBUILD = "rebuild the index with `upperson index`"
@@ -247,23 +255,40 @@ class GalleryIndex:
             raise ValueError("search: give at least one query")
         if top_k < 1:
             raise ValueError(f"search: top_k must be >= 1, got {top_k}")
-        query_features = encode_queries(model, queries, torch.device(device), precision).cpu()
-        if query_features.shape[1] != self.features.shape[1]:
+        query_features = encode_queries(model, queries, torch.device(device), precision)
+        scores, rows = self.rank(query_features, top_k, faiss_threshold=faiss_threshold)
+        return [
+            [SearchHit(self.image_dir / self.paths[i], float(s)) for s, i in zip(row_scores.tolist(), row_indices.tolist())]
+            for row_scores, row_indices in zip(scores, rows)
+        ]
+
+    def rank(
+        self, query_features: torch.Tensor, top_k: int, *, faiss_threshold: int = FAISS_THRESHOLD
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows most similar to each query feature by inner product (cosine for unit vectors), exactly.
+
+        Args:
+            query_features: ``[Q, D]`` L2-normalised features from the index's model (text or image).
+            top_k: hits per query (fewer if the gallery is smaller).
+            faiss_threshold: use FAISS (exact inner product) for galleries larger than this, if installed.
+
+        Returns:
+            ``(scores, rows)``, both ``[Q, min(top_k, len(self))]``, best first.
+        """
+        if top_k < 1:
+            raise ValueError(f"search: top_k must be >= 1, got {top_k}")
+        query_features = query_features.to("cpu", torch.float32)
+        if query_features.dim() != 2 or query_features.shape[1] != self.features.shape[1]:
             raise GalleryIndexError(
                 f"the index of {self.image_dir} has features of {self.features.shape[1]} dimensions but the model's "
-                f"embeddings have {query_features.shape[1]}: it was not built by this model; {_REBUILD}"
+                f"embeddings have {query_features.shape[-1]}: it was not built by this model; {_REBUILD}"
             )
         k = min(top_k, len(self))
         if k == 0:
-            return [[] for _ in queries]
+            return torch.zeros(query_features.shape[0], 0), torch.zeros(query_features.shape[0], 0, dtype=torch.long)
         if len(self) > faiss_threshold and _faiss() is not None:
-            scores, indices = _rank_faiss(query_features, self.features, k)
-        else:
-            scores, indices = _rank_torch(query_features, self.features, k)
-        return [
-            [SearchHit(self.image_dir / self.paths[i], float(s)) for s, i in zip(row_scores.tolist(), row_indices.tolist())]
-            for row_scores, row_indices in zip(scores, indices)
-        ]
+            return _rank_faiss(query_features, self.features, k)
+        return _rank_torch(query_features, self.features, k)
 
 
 @dataclass(frozen=True)
@@ -666,19 +691,47 @@ def encode_queries(model: RetrievalModel, queries: Sequence[str], device: torch.
     return F.normalize(features.float(), dim=-1)
 
 
+@torch.no_grad()
+def encode_images(
+    model: RetrievalModel,
+    images: Sequence[Image.Image],
+    image_size: tuple[int, int],
+    device: torch.device,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """``[N, D]`` L2-normalised float32 features of RGB images (e.g. from ``read_image``), through the
+    test transform the gallery's images went through."""
+    transform = build_transforms(image_size, train=False)
+    batch = torch.stack([transform(image) for image in images]).to(device)  # [N, 3, H, W]
+    was_training = model.training
+    model.eval()
+    with autocast(device, precision):
+        features = model.encode_image(batch)
+    model.train(was_training)
+    return F.normalize(features.float(), dim=-1)
+
+
 def _rank_torch(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k by inner product, scoring the gallery in chunks and merging the running best."""
-    best_scores = torch.full((queries.shape[0], 0), float("-inf"))
-    best_indices = torch.zeros((queries.shape[0], 0), dtype=torch.long)
-    for start in range(0, gallery.shape[0], _GALLERY_CHUNK):
-        chunk = gallery[start : start + _GALLERY_CHUNK].float()
-        scores = queries @ chunk.t()  # [Q, chunk]
-        chunk_scores, chunk_indices = scores.topk(min(k, chunk.shape[0]), dim=1)
-        merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
-        merged_indices = torch.cat([best_indices, chunk_indices + start], dim=1)
-        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-        best_indices = merged_indices.gather(1, order)
-    return best_scores, best_indices
+    """Exact top-k by inner product: every float32 score of a group of queries, then one top-k.
+
+    The (float16) gallery is converted to float32 one cache-sized block at a time into a reused
+    buffer and multiplied there, so each group of queries reads it from memory once.
+    """
+    rows = gallery.shape[0]
+    buffer = torch.empty(min(_SCORE_BLOCK, rows), gallery.shape[1])
+    group = max(1, _SCORE_BUFFER // rows)
+    best_scores, best_rows = [], []
+    for first in range(0, queries.shape[0], group):
+        transposed = queries[first : first + group].t().contiguous()  # [D, q]
+        scores = torch.empty(rows, transposed.shape[1])  # [N, q]
+        for start in range(0, rows, _SCORE_BLOCK):
+            stop = min(rows, start + _SCORE_BLOCK)
+            block = buffer[: stop - start].copy_(gallery[start:stop])  # [block, D] float32
+            torch.mm(block, transposed, out=scores[start:stop])
+        top_scores, top_rows = scores.topk(k, dim=0)  # [k, q]
+        best_scores.append(top_scores.t())
+        best_rows.append(top_rows.t())
+    return torch.cat(best_scores), torch.cat(best_rows)
 
 
 def _rank_faiss(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -699,6 +752,29 @@ def _faiss() -> Any:
     return faiss
 
 
+def index_adapter(index: GalleryIndex, adapter: str | os.PathLike[str] | None = None) -> Path | None:
+    """The adapter file that made ``index``: ``adapter`` if given, else the recorded path; ``None`` for
+    an index made without one (zero-shot).
+
+    Raises:
+        FileNotFoundError: the file is not there (moved since indexing?).
+        ValueError: the file is not the one the index was built with (SHA-256 differs).
+    """
+    recorded = index.metadata.get("adapter")
+    path = Path(adapter) if adapter is not None else (Path(recorded) if recorded else None)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist (the index records {recorded}); pass --adapter with its new location")
+    digest = file_sha256(path)
+    if digest != index.metadata.get("adapter_sha256"):
+        raise ValueError(
+            f"adapter {path} (sha256 {digest[:12]}…) is not the one the index was built with "
+            f"({str(index.metadata.get('adapter_sha256'))[:12]}…); re-run `upperson index` with it"
+        )
+    return path
+
+
 def model_from_index(
     index: GalleryIndex, adapter: str | os.PathLike[str] | None = None, device: torch.device | str = "cpu"
 ) -> RetrievalModel:
@@ -710,19 +786,7 @@ def model_from_index(
         device: where the model goes.
     """
     metadata = index.metadata
-    recorded = metadata.get("adapter")
-    path = Path(adapter) if adapter is not None else (Path(recorded) if recorded else None)
-    if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"adapter file {path} does not exist (the index records {recorded}); pass --adapter with its new location"
-            )
-        digest = file_sha256(path)
-        if digest != metadata.get("adapter_sha256"):
-            raise ValueError(
-                f"adapter {path} (sha256 {digest[:12]}…) is not the one the index was built with "
-                f"({str(metadata.get('adapter_sha256'))[:12]}…); re-run `upperson index` with it"
-            )
+    path = index_adapter(index, adapter)
     config = inference_config(metadata["method"], metadata["backbone_source"], tuple(metadata["image_size"]), metadata["config"])
     model = build_inference_model(config, path, device=torch.device(device))
     if model.backbone_sha256 != metadata["backbone_sha256"]:
