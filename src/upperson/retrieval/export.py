@@ -9,7 +9,8 @@
 * ``text_encoder.onnx``: ``token_ids [N, context] int64`` (``export.json["text"]`` says how to
   tokenise) → the same two outputs, pooled at each row's EOT token (``argmax`` of the ids);
 * with ``quantize="int8"`` also ``image_encoder.int8.onnx`` and ``text_encoder.int8.onnx``:
-  onnxruntime dynamic quantisation (int8 weights, activations quantised at run time);
+  onnxruntime dynamic quantisation (int8 weights with per-channel scales, activations quantised at
+  run time);
 * ``export.json``: what a runtime needs (image size, resize, normalisation, tokenizer settings,
   embedding size, how to compare features), where the model came from (method, its config,
   backbone and adapter sha256, upperson version), the opset, every file with its sha256, and the
@@ -255,12 +256,12 @@ def _write_encoders(model: RetrievalModel, directory: Path, opset: int, precisio
 
 
 @contextmanager
-def _quiet(names: Sequence[str]) -> Iterator[None]:
-    """Raise the given loggers to WARNING (not lower than they are) for the duration."""
+def _quiet(names: Sequence[str], level: int = logging.WARNING) -> Iterator[None]:
+    """Raise the given loggers to ``level`` (not lower than they are) for the duration."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        logger.setLevel(max(logger.getEffectiveLevel(), level))
     try:
         yield
     finally:
@@ -325,8 +326,15 @@ def exporter_name(opset: int) -> str:
 
 
 def quantize_int8(source: Path, target: Path) -> None:
-    """onnxruntime dynamic quantisation: int8 (QInt8) weights, activations quantised per call."""
-    quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    """onnxruntime dynamic quantisation: int8 (QInt8) weights per output channel, activations quantised per call.
+
+    Per-channel scales cost no speed and bring the text features closer to fp32 than one scale per
+    tensor (ViT-B/16 min cosine 0.99924 vs 0.99885). onnxruntime's advice to pre-process the model
+    first (``quant_pre_process``) is silenced: measured on ViT-B/16, it changed no feature and no
+    speed.
+    """
+    with _quiet([""], logging.ERROR):
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
 
 
 def example_inputs(model: RetrievalModel, tower: Tower, batch: int) -> torch.Tensor:
@@ -449,7 +457,7 @@ def export_manifest(
         },
         "similarity": "cosine: L2-normalise both sides (normalized_features) and rank gallery images by the dot product with a text query",
         "quantization": (
-            {quantize: {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "activations": "uint8, quantised per call"}}
+            {quantize: {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True, "activations": "uint8, quantised per call"}}
             if quantize
             else None
         ),
