@@ -10,7 +10,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from tqdm import tqdm
 
@@ -28,6 +28,9 @@ from upperson.runtime import resolve_device, resolve_precision
 from upperson.training.distributed import DistributedEnv
 from upperson.training.history import CONFIG_FILE
 from upperson.training.loop import DatasetValidationError, Trainer, default_run_dir
+
+if TYPE_CHECKING:
+    from upperson.retrieval.export import Parity  # the export extra (onnx) is imported only by `upperson export`
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_INDEX_DIR = ".upperson-index"
@@ -176,6 +179,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available)")
     serve.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    export = commands.add_parser(
+        "export",
+        help="write a trained model's encoders as ONNX files plus export.json, for runtimes without torch",
+        description="Export the image and text encoders of a run (LoRA merged, dynamic batch) to --out: image_encoder.onnx "
+        "(images [N,3,H,W] float32) and text_encoder.onnx (token_ids [N,77] int64), each giving 'features' (unnormalised) "
+        "and 'normalized_features' (L2); export.json holds the preprocessing, tokenizer settings, hashes and the parity "
+        "with torch measured on random inputs, which is printed at the end.",
+    )
+    export.add_argument("--config", type=Path, required=True, help="the run's config (RUN_DIR/config.yaml)")
+    export.add_argument("--adapter", type=Path, help="adapter file (RUN_DIR/best.safetensors); not used by method zero-shot")
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="file format (only onnx)")
+    export.add_argument("--out", type=Path, required=True, help="a new or empty directory")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: 18; 14-17 go through torch's TorchScript exporter)")
+    export.add_argument("--quantize", choices=("int8",), help="also write onnxruntime dynamically quantised *.int8.onnx encoders")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (a directory holding anything else is refused)")
+    export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
     demo = commands.add_parser("demo", help="generate synthetic pedestrians, train UP-Person on a tiny CLIP, evaluate, draw results")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
@@ -446,6 +465,36 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from upperson.retrieval.export import check_export_dir, export_onnx
+    except ImportError as error:
+        raise ValueError(f"export needs onnx, onnxruntime and onnxscript ({error}): pip install 'upperson[export]'") from error
+
+    check_export_dir(args.out, args.overwrite)  # before the slow model build
+    config = load_config(args.config, args.set)
+    model = build_inference_model(config, args.adapter, "cpu")
+    report = export_onnx(model, args.out, adapter=args.adapter, opset=args.opset, quantize=args.quantize, overwrite=args.overwrite)
+    print(f"wrote {report.out_dir}:")
+    for name in [*report.files, "export.json"]:
+        size = (report.out_dir / name).stat().st_size / 1e6
+        print(f"  {name:<26}{size:>9.1f} MB")
+    print("parity check on random inputs (features, unnormalised):")
+    print(format_parity_table(report.parity))
+    return EXIT_OK
+
+
+def format_parity_table(parity: Sequence[Parity]) -> str:
+    """encoder | runtime | reference | inputs | samples | max abs diff | min cosine."""
+    lines = [f"{'encoder':<8}{'runtime':<11}{'vs':<11}{'inputs':<10}{'samples':>8}{'max abs diff':>14}{'min cosine':>12}"]
+    for item in parity:
+        lines.append(
+            f"{item.tower:<8}{item.candidate:<11}{item.reference:<11}{item.inputs:<10}{item.samples:>8}"
+            f"{item.max_abs_diff:>14.3g}{item.min_cosine:>12.7f}"
+        )
+    return "\n".join(lines)
+
+
 def format_hits_table(hits: Sequence[SearchHit], root: Path) -> str:
     """rank | score | path (relative to the gallery root)."""
     lines = [f"{'rank':>4}  {'score':>7}  path"]
@@ -481,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info": _info, "convert": _convert, "train": _train, "eval": _eval, "data": _data, "demo": _demo,
         "ablate": _ablate, "cross-domain": _cross_domain, "profile": _profile, "index": _index, "search": _search,
         "serve": _serve,
+        "export": _export,
     }
     prefix = f"upperson {args.command}"
     try:

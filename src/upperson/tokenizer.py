@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
 MASK_TOKEN = "<|mask|>"
 MASK_TOKEN_ID = 49405
@@ -50,3 +52,25 @@ def dropped_tokens(texts: list[str], context_length: int = CONTEXT_LENGTH) -> li
     """How many BPE tokens `tokenize` cuts off the end of each text (0 where it fits)."""
     tokenizer = get_tokenizer()
     return [max(0, len(tokenizer.encode(text)) + 2 - context_length) for text in texts]  # + SOT and EOT
+
+
+def tokenizer_settings(context_length: int = CONTEXT_LENGTH) -> dict[str, Any]:
+    """What a tokenizer outside Python must do to give `tokenize`'s ids (written into exports)."""
+    tokenizer = get_tokenizer()
+    return {
+        "type": "clip-bpe",
+        "bpe_vocabulary": Path(default_bpe()).name,
+        "bpe_vocabulary_source": "open_clip (OpenAI CLIP's byte-level BPE)",
+        "bpe_merges": f"every merge of the file except the last, whose id {MASK_TOKEN_ID} is {MASK_TOKEN} instead",
+        "vocab_size": len(tokenizer.decoder),
+        "mask_token_id": MASK_TOKEN_ID,
+        "sot_token_id": SOT_TOKEN_ID,
+        "eot_token_id": EOT_TOKEN_ID,
+        "pad_token_id": 0,
+        "context_length": context_length,
+        "cleaning": ["ftfy.fix_text", "html.unescape twice", "collapse whitespace runs to one space", "strip", "lower-case"],
+        "pretokenize_regex": tokenizer.pat.pattern,
+        "pretokenize_regex_flags": "IGNORECASE (Python's `regex` module: \\p{L} / \\p{N} are Unicode classes)",
+        "layout": "[SOT] + BPE ids + [EOT], right-padded with pad_token_id to context_length",
+        "truncation": "keep the first context_length ids and overwrite the last one with EOT",
+    }

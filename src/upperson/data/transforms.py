@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
@@ -49,3 +51,33 @@ def build_transforms(
             v2.RandomErasing(p=erasing_prob, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=list(CLIP_MEAN)),
         ]
     )
+
+
+def describe_eval_transforms(image_size: tuple[int, int]) -> dict[str, Any]:
+    """The evaluation pipeline of `build_transforms` as data, for runtimes that re-implement it (exports).
+
+    Read off the pipeline itself, so the description cannot drift from what evaluation runs.
+
+    Raises:
+        ValueError: the pipeline holds a step this description does not know.
+    """
+    description: dict[str, Any] = {"input": "RGB image (every PIL mode converted to RGB first)", "layout": "NCHW", "dtype": "float32"}
+    for step in build_transforms(image_size, train=False).transforms:
+        if isinstance(step, v2.Resize):
+            description["resize"] = {
+                "size": list(step.size),
+                "interpolation": step.interpolation.value,
+                "antialias": bool(step.antialias),
+                "keep_aspect_ratio": len(step.size) == 1,  # (H, W): stretched to exactly that size
+                "crop": None,
+            }
+        elif isinstance(step, v2.ToImage):
+            continue
+        elif isinstance(step, v2.ToDtype):
+            description["scale"] = "pixel values / 255 (0..1)" if step.scale else "none"
+        elif isinstance(step, v2.Normalize):
+            description["mean"], description["std"] = list(step.mean), list(step.std)
+            description["normalize"] = "(x - mean) / std per channel, after scaling"
+        else:
+            raise ValueError(f"describe_eval_transforms does not know the evaluation step {step!r}; add it here")
+    return description

@@ -89,8 +89,9 @@ def shift_captions(token_ids: torch.Tensor, prompt_tokens: int) -> tuple[torch.T
     placeholders = torch.full((batch, prompt_tokens), PLACEHOLDER_ID, dtype=token_ids.dtype, device=token_ids.device)
     shifted = torch.cat([token_ids[:, :1], placeholders, token_ids[:, 1 : context - prompt_tokens]], dim=1)
     overflow = eot >= context - prompt_tokens
-    if overflow.any():
-        shifted[overflow, -1] = token_ids[overflow].gather(1, eot[overflow, None]).squeeze(1)
+    # branch-free (no data-dependent `if`), so that torch.export / ONNX export keep it for any batch
+    last = torch.where(overflow, token_ids.gather(1, eot[:, None]).squeeze(1), shifted[:, -1])  # [N]
+    shifted = torch.cat([shifted[:, :-1], last[:, None]], dim=1)
     new_eot = torch.where(overflow, torch.full_like(eot, context - 1), eot + prompt_tokens)
     return shifted, new_eot
 

@@ -1,0 +1,291 @@
+"""ONNX export: files load in onnxruntime, dynamic batch, parity with torch, EOT pooling, export.json, safety, CLI.
+
+Tolerances: fp32 ONNX vs torch features must have cosine >= 0.9999 (``FP32_MIN_COSINE``) and max abs
+difference <= 1e-4 (measured here: ~2e-6 on features of norm ~1-10); int8 vs fp32 ONNX cosine >= 0.99
+(measured: >= 0.998 on the tiny models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import upperson
+from conftest import SMALL_IMAGE, randomise_petl, sample_batch
+from upperson.cli import main
+from upperson.config import DataConfig, RunConfig, TrainConfig, load_config, save_config
+from upperson.data import load_dataset
+from upperson.data.synthetic import generate_synthetic_cuhk
+from upperson.data.transforms import CLIP_MEAN, CLIP_STD, build_transforms
+from upperson.retrieval import export as export_module
+from upperson.retrieval.export import (
+    EXPORT_FILES,
+    FP32_MIN_COSINE,
+    MANIFEST_FILE,
+    OnnxEncoders,
+    compare_features,
+    encoder_file,
+    export_onnx,
+    measure_parity,
+    random_inputs,
+)
+from upperson.retrieval.factory import build_inference_model
+from upperson.retrieval.gallery import file_sha256
+from upperson.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
+
+OPTIONS = {"prefix_length": 3, "lora_rank": 4}
+MAX_ABS_DIFF = 1e-4
+INT8_MIN_COSINE = 0.99
+CAPTIONS = [
+    "a",
+    "a man in a grey jacket",
+    "The woman wears a red coat, blue jeans and white shoes; she carries a black backpack over one shoulder.",
+    "word " * 100,  # truncated: EOT at the last position
+]
+
+
+def _save_run(run_dir: Path, method: str = "up-person", options: dict | None = None) -> tuple[Path, Path]:
+    """A run directory whose adapter has every PETL tensor moved off its init (nothing hides behind a zero)."""
+    options = dict(OPTIONS if options is None else options)
+    run_dir.mkdir(parents=True)
+    model = upperson.create_model(method, backbone="tiny", image_size=SMALL_IMAGE, **options)
+    randomise_petl(model, seed=3)
+    adapter = upperson.save_adapter(model, run_dir / "best.safetensors")
+    config = RunConfig(
+        method=method, backbone="tiny", model=options, data=DataConfig(image_size=SMALL_IMAGE, num_workers=0),
+        train=TrainConfig(precision="fp32"), device="cpu",
+    )
+    save_config(config, run_dir / "config.yaml")
+    return run_dir / "config.yaml", adapter
+
+
+def _torch(model: upperson.RetrievalModel, tower: str, inputs: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return (model.encode_image(inputs) if tower == "image" else model.encode_text(inputs)).numpy()
+
+
+def _assert_close(candidate: np.ndarray, reference: np.ndarray, min_cosine: float = FP32_MIN_COSINE, max_abs: float = MAX_ABS_DIFF) -> None:
+    assert candidate.shape == reference.shape
+    worst_abs, worst_cosine, _ = compare_features(candidate, reference)
+    assert worst_cosine >= min_cosine, worst_cosine
+    assert worst_abs <= max_abs, worst_abs
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny UP-Person (prefix + LoRA + L-Adapter, randomised) exported with int8 files by the CLI.
+
+    Returns the torch model (built as the CLI builds it), the export directory, the adapter and what
+    the CLI printed.
+    """
+    root = tmp_path_factory.mktemp("export")
+    config_path, adapter = _save_run(root / "run")
+    argv = ["export", "--config", str(config_path), "--adapter", str(adapter), "--format", "onnx", "--out", str(root / "onnx"), "--quantize", "int8"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    model = build_inference_model(load_config(config_path), adapter, "cpu")
+    return model, root / "onnx", adapter, printed.getvalue()
+
+
+def test_files_load_with_dynamic_batch_and_match_torch(exported) -> None:
+    model, out, _, _ = exported
+    encoders = OnnxEncoders.load(out)
+    for tower, session in encoders.sessions.items():
+        (batch_dim, *_), = (inp.shape for inp in session.get_inputs())
+        assert isinstance(batch_dim, str), f"{tower}: batch dimension is fixed ({batch_dim})"
+    images, token_ids, _ = sample_batch(SMALL_IMAGE, batch=4)
+    for count in (1, 3):
+        _assert_close(encoders.encode_image(images[:count].numpy()), _torch(model, "image", images[:count]))
+        _assert_close(encoders.encode_text(token_ids[:count].numpy()), _torch(model, "text", token_ids[:count]))
+
+
+def test_normalized_output_is_the_unit_feature(exported) -> None:
+    _, out, _, _ = exported
+    encoders = OnnxEncoders.load(out)
+    images, token_ids, _ = sample_batch(SMALL_IMAGE, batch=3)
+    for tower, inputs in (("image", images.numpy()), ("text", token_ids.numpy())):
+        features, normalized = encoders._run(tower, inputs)
+        np.testing.assert_allclose(normalized, features / np.linalg.norm(features, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_text_pools_at_each_rows_eot(exported) -> None:
+    """Captions of different lengths in one batch: each row's feature is the token at its own EOT."""
+    model, out, _, _ = exported
+    encoders = OnnxEncoders.load(out)
+    token_ids = upperson.tokenize(CAPTIONS)
+    eot = token_ids.argmax(dim=-1)
+    assert len(set(eot.tolist())) == len(CAPTIONS) and eot[-1] == token_ids.shape[1] - 1
+    batched = encoders.encode_text(token_ids.numpy())
+    with torch.no_grad():  # independent path: every token projected, then the EOT row picked here
+        tokens = model.encode_text_tokens(token_ids)
+    reference = tokens[torch.arange(len(CAPTIONS)), eot].numpy()
+    _assert_close(batched, reference)
+    for row in range(len(CAPTIONS)):  # alone == in the batch
+        _assert_close(encoders.encode_text(token_ids[row : row + 1].numpy()), batched[row : row + 1])
+
+
+def test_parity_on_synthetic_test_split(exported, tmp_path: Path) -> None:
+    """Real synthetic pedestrians through the evaluation transforms, and their captions."""
+    model, out, _, _ = exported
+    root = generate_synthetic_cuhk(tmp_path, num_train_ids=1, num_val_ids=1, num_test_ids=4, images_per_id=2, image_size=SMALL_IMAGE)
+    split = load_dataset("cuhk-pedes", root.parent).split("test")
+    transform = build_transforms(SMALL_IMAGE, train=False)
+    images = torch.stack([transform(Image.open(path).convert("RGB")) for path in split.image_paths])
+    runtimes = {"fp32": OnnxEncoders.load(out), "int8": OnnxEncoders.load(out, "int8")}
+    parity = measure_parity(model, runtimes, images, upperson.tokenize(split.captions), inputs="synthetic test split")
+    for item in parity:
+        if item.candidate == "onnx fp32":
+            assert item.min_cosine >= FP32_MIN_COSINE and item.max_abs_diff <= MAX_ABS_DIFF, item
+        else:
+            assert item.reference == "onnx fp32" and item.min_cosine >= INT8_MIN_COSINE, item
+
+
+def test_int8_files_load_and_stay_close_to_fp32(exported) -> None:
+    _, out, _, _ = exported
+    fp32, int8 = OnnxEncoders.load(out), OnnxEncoders.load(out, "int8")
+    images, token_ids, _ = sample_batch(SMALL_IMAGE, batch=4)
+    _, image_cosine, _ = compare_features(int8.encode_image(images.numpy()), fp32.encode_image(images.numpy()))
+    _, text_cosine, _ = compare_features(int8.encode_text(token_ids.numpy()), fp32.encode_text(token_ids.numpy()))
+    assert min(image_cosine, text_cosine) >= INT8_MIN_COSINE, (image_cosine, text_cosine)
+    for tower in ("image", "text"):
+        assert (out / encoder_file(tower, "int8")).stat().st_size < (out / encoder_file(tower)).stat().st_size / 2
+
+
+def test_export_json_fields(exported) -> None:
+    model, out, adapter, _ = exported
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    spec = model.backbone_spec
+    assert manifest["method"] == "up-person" and manifest["method_config"]["prefix_length"] == OPTIONS["prefix_length"]
+    assert manifest["backbone_sha256"] == model.backbone_sha256
+    assert manifest["adapter_sha256"] == file_sha256(adapter) and manifest["adapter"] == adapter.name
+    assert manifest["upperson_version"] == upperson.__version__ and manifest["opset"] == 18
+    assert manifest["embed_dim"] == spec.embed_dim
+    image = manifest["image"]
+    assert (image["height"], image["width"]) == SMALL_IMAGE
+    assert image["mean"] == list(CLIP_MEAN) and image["std"] == list(CLIP_STD)
+    assert image["resize"] == {"size": list(SMALL_IMAGE), "interpolation": "bilinear", "antialias": True, "keep_aspect_ratio": False, "crop": None}
+    text = manifest["text"]
+    assert (text["context_length"], text["sot_token_id"], text["eot_token_id"], text["pad_token_id"]) == (77, SOT_TOKEN_ID, EOT_TOKEN_ID, 0)
+    assert text["bpe_vocabulary"] == "bpe_simple_vocab_16e6.txt.gz" and "lower-case" in text["cleaning"]
+    assert manifest["encoders"]["image"]["input"] == {"name": "images", "shape": ["N", 3, *SMALL_IMAGE], "dtype": "float32"}
+    assert manifest["encoders"]["text"]["input"] == {"name": "token_ids", "shape": ["N", 77], "dtype": "int64"}
+    assert "cosine" in manifest["similarity"]
+    on_disk = {path.name for path in out.iterdir()} - {MANIFEST_FILE}
+    assert set(manifest["files"]) == on_disk == EXPORT_FILES - {MANIFEST_FILE}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == file_sha256(out / name)
+    assert {(p["tower"], p["candidate"]) for p in manifest["parity"]} == {(t, c) for t in ("image", "text") for c in ("onnx fp32", "onnx int8")}
+
+
+def test_manifest_preprocessing_reproduces_the_evaluation_transforms(exported, tmp_path: Path) -> None:
+    """A runtime following export.json with PIL + numpy only gets the tensor evaluation feeds the model."""
+    image = export_module.read_manifest(exported[1])["image"]
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (150, 70, 3), dtype=np.uint8))
+    height, width = image["resize"]["size"]
+    resized = np.asarray(picture.convert("RGB").resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    runtime = ((resized - np.array(image["mean"])) / np.array(image["std"])).transpose(2, 0, 1)
+    np.testing.assert_allclose(runtime, build_transforms(SMALL_IMAGE, train=False)(picture).numpy(), atol=1e-5)
+
+
+def test_random_parity_inputs_cover_every_caption_length() -> None:
+    model = upperson.create_model("zero-shot", backbone="tiny", image_size=SMALL_IMAGE)
+    _, token_ids = random_inputs(model, 4)
+    eot = token_ids.argmax(dim=-1).tolist()
+    assert eot[0] == 1 and eot[-1] == token_ids.shape[1] - 1 and len(set(eot)) == 4
+    assert (token_ids[:, 0] == SOT_TOKEN_ID).all() and (token_ids.gather(1, token_ids.argmax(-1, keepdim=True)) == EOT_TOKEN_ID).all()
+
+
+def test_refuses_a_non_empty_out_and_foreign_files_even_with_overwrite(tmp_path: Path) -> None:
+    model = upperson.create_model("zero-shot", backbone="tiny", image_size=SMALL_IMAGE).eval()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty.*--overwrite"):
+        export_onnx(model, out)
+    with pytest.raises(ValueError, match="also holds notes.txt"):
+        export_onnx(model, out, overwrite=True)
+    with pytest.raises(ValueError, match="is a file"):
+        export_onnx(model, out / "notes.txt")
+    assert [path.name for path in out.iterdir()] == ["notes.txt"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_refuses_models_it_cannot_export_as_they_are(tmp_path: Path) -> None:
+    model = upperson.create_model("up-person", backbone="tiny", image_size=SMALL_IMAGE, **OPTIONS)
+    with pytest.raises(ValueError, match="eval-mode"):
+        export_onnx(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="LoRA merged"):
+        export_onnx(model.eval(), tmp_path / "b")
+    model.merge_lora()
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(model, tmp_path / "c", opset=13)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def half_written(model, tower, path, opset):
+        path.write_bytes(b"partial")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(export_module, "_export_encoder", half_written)
+    model = upperson.create_model("zero-shot", backbone="tiny", image_size=SMALL_IMAGE).eval()
+    with pytest.raises(RuntimeError, match="crashed"):
+        export_onnx(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_prints_files_and_parity(exported) -> None:
+    printed = exported[3]
+    assert all(name in printed for name in EXPORT_FILES)
+    rows = [line.split() for line in printed.splitlines() if line.startswith(("image ", "text "))]
+    assert [" ".join(row[:5]) for row in rows] == [
+        "image onnx fp32 torch random", "image onnx int8 onnx fp32", "text onnx fp32 torch random", "text onnx int8 onnx fp32",
+    ]
+    assert all(float(row[-1]) >= FP32_MIN_COSINE for row in rows if row[2] == "fp32")
+
+
+def test_cli_refuses_a_previous_export_unless_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, adapter = _save_run(tmp_path / "run")
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "image_encoder.int8.onnx").write_bytes(b"an earlier export's file")
+    argv = ["export", "--config", str(config), "--adapter", str(adapter), "--out", str(out)]
+    assert main(argv) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == sorted([MANIFEST_FILE, "image_encoder.onnx", "text_encoder.onnx"])
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging or retired dir left
+
+
+def test_cskt_exports_with_its_inserted_tokens(tmp_path: Path) -> None:
+    """CSKT's prompts after the patches and after SOT, shifted EOT pooling (a caption that overflows too)."""
+    config_path, adapter = _save_run(tmp_path / "run", "cskt", {"prompt_length": 2})
+    model = build_inference_model(load_config(config_path), adapter, "cpu")
+    report = export_onnx(model, tmp_path / "onnx", adapter=adapter)
+    assert report.manifest["method"] == "cskt"
+    encoders = OnnxEncoders.load(report.out_dir)
+    images, _, _ = sample_batch(SMALL_IMAGE, batch=3)
+    token_ids = upperson.tokenize(CAPTIONS)
+    _assert_close(encoders.encode_image(images.numpy()), _torch(model, "image", images))
+    _assert_close(encoders.encode_text(token_ids.numpy()), _torch(model, "text", token_ids))
+    _assert_close(encoders.encode_text(token_ids[-1:].numpy()), _torch(model, "text", token_ids[-1:]))
+
+
+def test_opsets_below_18_use_the_torchscript_exporter(tmp_path: Path) -> None:
+    model = upperson.create_model("up-person", backbone="tiny", image_size=SMALL_IMAGE, **OPTIONS)
+    randomise_petl(model)
+    model.merge_lora()
+    report = export_onnx(model.eval(), tmp_path / "onnx", opset=17)
+    assert report.manifest["opset"] == 17 and "TorchScript" in report.manifest["exporter"]
+    encoders = OnnxEncoders.load(report.out_dir)
+    token_ids = upperson.tokenize(CAPTIONS)
+    _assert_close(encoders.encode_text(token_ids.numpy()), _torch(model, "text", token_ids))
+    _assert_close(encoders.encode_text(token_ids[:1].numpy()), _torch(model, "text", token_ids[:1]))
