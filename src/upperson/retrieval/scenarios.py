@@ -403,7 +403,8 @@ class Scenarios:
             # full fine-tuning trains (and its adapter file replaces) every backbone tensor: those cannot be shared
             clip = copy.deepcopy(backbone.clip) if entry.trains_backbone else _structural_copy(backbone.clip)
             model = build_model(dataclasses.replace(backbone, clip=clip), method, config)
-            self._models[key] = SharedModel(model, key, self.device)
+            # the shared tensors are on the device already (and stay the same objects); this moves the method's own
+            self._models[key] = SharedModel(model.to(self.device), key, self.device)
         return self._models[key]
 
     def _backbone_for(self, source: str, image_size: tuple[int, int], sha256: str) -> Backbone:
