@@ -222,9 +222,10 @@ def render(results: dict[str, Any]) -> str:
                 f"| {name} | {values['R1']:.2f} | {values['R5']:.2f} | {values['mAP']:.2f} | "
                 f"{values['R1'] - base['R1']:+.2f} | {values['mAP'] - base['mAP']:+.2f} |"
             )
-        lines += ["", parity_table(r["parity"])]
+        lines += ["", "Parity on the synthetic test split (tiny model above):", "", parity_table(r["parity"])]
     if "speed" in results:
-        lines += ["", parity_table(results["speed"]["parity_random"])]
+        s = results["speed"]
+        lines += ["", f"Parity on random inputs ({s['backbone']}, random weights, the export's own check):", "", parity_table(s["parity_random"])]
     return "\n".join(lines)
 
 
