@@ -222,7 +222,6 @@ def _api(scenarios: Scenarios, max_upload_bytes: int) -> APIRouter:
     @api.post("/scenarios/{name}/reload")
     def reload(name: str) -> dict[str, Any]:
         """Re-read a scenario's index (and adapter) from disk; on failure the old one keeps serving (409)."""
-        scenarios[name]  # 404 before any work
         try:
             return scenarios.reload(name).describe()
         except ScenarioError as error:
