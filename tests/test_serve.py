@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import upperson  # noqa: E402
 from conftest import SMALL_IMAGE, randomise_petl  # noqa: E402
-from test_search import OPTIONS, QUERIES, _block_image, _merged, _save_run  # noqa: E402
+from test_search import OPTIONS, QUERIES, _block_image, _save_run  # noqa: E402
 from upperson.cli import main  # noqa: E402
 from upperson.data.datasets import read_image  # noqa: E402
 from upperson.retrieval import serve  # noqa: E402
