@@ -32,8 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -82,7 +83,7 @@ def log(message: str) -> None:
 def cpu_description() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     flags = cpu_flags()
-    return {"model": model, "cores": os.cpu_count(), "int8_flags": {flag: flag in flags for flag in INT8_FLAGS}}
+    return {"model": model, "cores": os.cpu_count(), "int8_flags": {flag: flag in flags for flag in INT8_FLAGS}, "load_average_1min": os.getloadavg()[0]}
 
 
 def file_mb(path: Path) -> float:
@@ -103,6 +104,15 @@ def round_robin(jobs: dict[str, Callable[[], None]], repeats: int) -> dict[str, 
     return times
 
 
+def bind(encode: Callable[[Any], Any], inputs: Any) -> Callable[[], None]:
+    """A timed job: one call of ``encode`` on ``inputs``."""
+
+    def job() -> None:
+        encode(inputs)
+
+    return job
+
+
 def speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     image_size = tuple(args.image_size)
     log(f"building UP-Person on {args.backbone} (random weights) at {image_size[0]}x{image_size[1]}")
@@ -120,11 +130,9 @@ def speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     token_ids = upperson.tokenize([CAPTION] * args.batch)
     jobs: dict[str, Callable[[], None]] = {}
     for tower, inputs in (("image", images), ("text", token_ids)):
-        encode = model.encode_image if tower == "image" else model.encode_text
-        jobs[f"{tower} torch fp32"] = lambda encode=encode, inputs=inputs: encode(inputs)
+        jobs[f"{tower} torch fp32"] = bind(model.encode_image if tower == "image" else model.encode_text, inputs)
         for precision, runtime in runtimes.items():
-            run = runtime.encode_image if tower == "image" else runtime.encode_text
-            jobs[f"{tower} onnx {precision}"] = lambda run=run, array=inputs.numpy(): run(array)
+            jobs[f"{tower} onnx {precision}"] = bind(runtime.encode_image if tower == "image" else runtime.encode_text, inputs.numpy())
     log(f"timing {len(jobs)} paths, batch {args.batch}, {args.repeats} rounds, {args.threads} threads")
     with torch.no_grad():
         times = round_robin(jobs, args.repeats)
@@ -185,12 +193,18 @@ def retrieval(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def render(results: dict[str, Any]) -> str:
     cpu = results["cpu"]
     flags = ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in cpu["int8_flags"].items())
-    lines = [f"CPU: {cpu['model']} ({cpu['cores']} cores visible); flags: {flags}", ""]
+    lines = [
+        f"CPU: {cpu['model']} ({cpu['cores']} cores visible); flags: {flags}",
+        f"load average before / after: {cpu['load_average_1min']:.1f} / {results['load_average_after']:.1f} (other processes share the cores)",
+        "",
+    ]
     if "speed" in results:
         s = results["speed"]
         lines += [
-            f"Speed: UP-Person on {s['backbone']} (random weights) {s['image_size'][0]}x{s['image_size'][1]}, LoRA merged, "
-            f"batch {s['batch']}, {s['threads']} threads, median of the timed rounds; export took {s['export_seconds']:.0f} s",
+            (
+                f"Speed: UP-Person on {s['backbone']} (random weights) {s['image_size'][0]}x{s['image_size'][1]}, LoRA merged, "
+                f"batch {s['batch']}, {s['threads']} threads, median of the timed rounds; export took {s['export_seconds']:.0f} s"
+            ),
             "",
             "| encoder | path | ms / batch | items/s | vs torch fp32 | vs ONNX fp32 | file MB |",
             "|---|---|---:|---:|---:|---:|---:|",
@@ -210,8 +224,10 @@ def render(results: dict[str, Any]) -> str:
     if "retrieval" in results:
         r = results["retrieval"]
         lines += [
-            f"Retrieval: synthetic test split ({r['test_images']} images, {r['test_captions']} captions), pre-trained tiny CLIP + "
-            f"UP-Person trained {r['adapter_epochs']} epochs, text-to-image",
+            (
+                f"Retrieval: synthetic test split ({r['test_images']} images, {r['test_captions']} captions), pre-trained tiny CLIP + "
+                f"UP-Person trained {r['adapter_epochs']} epochs, text-to-image"
+            ),
             "",
             "| features | R@1 | R@5 | mAP | ΔR@1 vs torch | ΔmAP vs torch |",
             "|---|---:|---:|---:|---:|---:|",
@@ -250,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             results["speed"] = speed(args, work)
         if not args.skip_retrieval:
             results["retrieval"] = retrieval(args, work)
+    results["load_average_after"] = os.getloadavg()[0]
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

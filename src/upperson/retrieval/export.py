@@ -35,10 +35,11 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -259,14 +260,14 @@ def _write_encoders(model: RetrievalModel, directory: Path, opset: int, precisio
 def _quiet(names: Sequence[str], level: int = logging.WARNING) -> Iterator[None]:
     """Raise the given loggers to ``level`` (not lower than they are) for the duration."""
     loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
+    previous = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(max(logger.getEffectiveLevel(), level))
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        for logger, old in zip(loggers, previous):
+            logger.setLevel(old)
 
 
 def check_export_dir(out: Path, overwrite: bool) -> None:
