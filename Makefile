@@ -1,4 +1,8 @@
-# Two entry points: `make run` (set-up + the main job) and `make test` (set-up + the test suite).
+# Two entry points: `make run` (set-up + the main job) and `make test` (set-up + the test suite, which
+# includes the CPU smoke run of the GPU kit, tests/test_gpu_check_smoke.py).
+# `make gpu-check` verifies and measures on a CUDA GPU in one command (benchmarks/gpu_check.py, at most
+# 8 minutes; results in $(GPU_CHECK_OUT)). On a machine whose python already holds a CUDA torch and that
+# cannot reach PyPI: `make gpu-check GPU_PYTHON=python3` (no venv; see benchmarks/README.md).
 # TORCH_SPEC pins the torch build installed before the package; override it for another CUDA/CPU wheel,
 # e.g. `make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"`.
 PYTHON ?= python3
@@ -6,8 +10,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GPU_PYTHON ?=
+GPU_CHECK_OUT ?= gpu-check-results
+GPU_CHECK_ARGS ?=
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-all bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +36,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+
+gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
+	$(or $(GPU_PYTHON),$(BIN)/python) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
