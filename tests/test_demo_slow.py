@@ -18,4 +18,4 @@ def test_demo_beats_chance_tenfold_and_draws_the_figure(tmp_path: Path) -> None:
     assert result.metrics["t2i"]["R1"] > result.zero_shot_metrics["t2i"]["R1"]
     assert result.figure.is_file() and result.adapter.is_file()
     gallery = GalleryIndex.load(result.gallery_index)
-    assert len(gallery) == 400 and not gallery.skipped  # the synthetic test split: 100 ids x 4 images
+    assert len(gallery) == 600 and not gallery.skipped  # the held-out images: val 50 + test 100 ids, 4 images each

@@ -318,7 +318,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"chance R@1: {result.chance_r1:.2f} %; UP-Person R@1 = {ratio:.1f}x chance")
     print(f"retrieval figure: {result.figure}")
     print(f"adapter: {result.adapter}")
-    print(f"test gallery indexed in {result.gallery_index}; search it by text: upperson search {result.gallery_index} \"a person in a red top\"")
+    print(f"held-out gallery (val + test images) indexed in {result.gallery_index}; search it by text: upperson search {result.gallery_index} \"a person in a red top\"")
     print(f"or serve it as a web page: upperson serve --scenario demo={result.gallery_index}")
     return EXIT_OK
 

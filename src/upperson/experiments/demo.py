@@ -30,7 +30,7 @@ DEMO_IMAGE_SIZE = (128, 48)
 """8 x 3 patches of 16 pixels: pedestrian aspect ratio, cheap enough for a 2-core CPU."""
 FIGURE_QUERIES = 6
 GALLERY_INDEX_DIR = "gallery-index"
-"""Inside the demo's run directory: the test images indexed for ``upperson search`` / ``upperson serve``."""
+"""Inside the demo's run directory: the held-out images indexed for ``upperson search`` / ``upperson serve``."""
 DEMO_EPOCHS = 14
 
 
@@ -45,7 +45,8 @@ class DemoResult:
     chance_r1: float
     """Expected R@1 (%) of a random ranking on the synthetic test split."""
     gallery_index: Path
-    """The synthetic test gallery indexed with the trained adapter, ready for ``upperson serve``."""
+    """The held-out images (``test_query``: the val and test identities, none seen in training) indexed with
+    the trained adapter, ready for ``upperson search`` / ``upperson serve``."""
 
 
 def demo_config(data_root: Path, run_dir: Path, epochs: int, backbone: str) -> RunConfig:
