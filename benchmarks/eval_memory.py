@@ -1,23 +1,29 @@
-"""Benchmark chunked ``retrieval_metrics`` against IRRA's full-argsort ``rank()`` at ICFG-PEDES size.
+"""Benchmark ``retrieval_metrics`` against IRRA's full-argsort ``rank()`` at ICFG-PEDES size.
 
-Both paths score the same synthetic 19,848 x 19,848 text-to-image similarity (as ICFG-PEDES test:
+All paths score the same synthetic 19,848 x 19,848 text-to-image similarity (as ICFG-PEDES test:
 19,848 captions and images, one caption per image, 1,000 identities, so ~20 positives per query).
 Features are unit vectors around one random centre per identity, so the metrics are non-trivial.
 
-    chunked: ``upperson.evaluation.retrieval_metrics`` (stable sort of ``--chunk-size`` query rows
-             at a time, only the positives' ranks kept);
-    irra:    the steps of IRRA's ``rank()`` (spec B.12) written out: one argsort of the whole matrix,
-             gathered pids, int64 cumulative sums, the per-query INP loop and the per-column
-             precision loop. Skipped when its estimated peak does not fit in free memory.
+    current:  ``upperson.evaluation.retrieval_metrics``: no sort of the gallery; each block of
+              ``--chunk-size`` query rows is binned into cells, the items in cells without a
+              positive counted from a histogram and only the few sharing a cell with a positive
+              sorted;
+    previous: the implementation it replaced, kept here for the comparison
+              (:func:`previous_retrieval_metrics`): a stable sort of ``--chunk-size`` query rows at a
+              time, only the positives' ranks kept;
+    irra:     the steps of IRRA's ``rank()`` (spec B.12) written out: one argsort of the whole matrix,
+              gathered pids, int64 cumulative sums, the per-query INP loop and the per-column
+              precision loop. Skipped when its estimated peak does not fit in free memory.
 
-Each path runs in a fresh subprocess that builds the matrix and then measures its first and only
-call, so nothing from the other path or from building the matrix is counted (see
-:func:`measure` and :data:`WORKER_ENV`). Wall time is that one call; sorting dominates and needs no
-warm-up.
+Each path runs in a fresh subprocess that builds the matrix and then measures its first call's
+memory, so nothing from another path or from building the matrix is counted (see :func:`measure`
+and :data:`WORKER_ENV`), and the wall time of ``--repeat`` calls, of which the fastest is compared:
+on a shared machine a burst of other work can slow a single call of a seconds-long path several
+times over. The machine's load average before and after each path is reported too.
 
-Run ``python benchmarks/eval_memory.py --help`` for options. The default takes about two minutes on
-an otherwise idle 2-core CPU, half of it in the IRRA path, which also needs ~14 GB of free memory
-(``--skip-irra`` leaves it out).
+Run ``python benchmarks/eval_memory.py --help`` for options. The default takes a few minutes on a
+2-core CPU, most of it in the IRRA path, which also needs ~14 GB of free memory (``--skip-irra``
+leaves it out).
 """
 
 from __future__ import annotations
@@ -48,9 +54,12 @@ the int64 cumsum and three float32 [Nq, Ng] precision tensors (columns, stacked,
 MIB = 2**20
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 """Pins glibc's mmap threshold at its initial 128 KiB. By default glibc raises it (up to 32 MiB)
-after the first large free, after which the chunked path's 20 MiB bool buffers come from the heap
+after the first large free, after which the previous path's 20 MiB bool buffers come from the heap
 and fragment it: its peak resident set then varied from 256 to 741 MiB between identical runs,
 against a steady 236 MiB with the threshold pinned."""
+PATHS = ("current", "previous", "irra")
+CPU_FLAGS = ("avx2", "avx512_bf16", "amx_bf16")
+"""The flags that decide bf16 matmul speed (see README.md), printed with every result."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,11 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ids", type=int, default=1_000, help="identities (ICFG-PEDES test: 1,000)")
     parser.add_argument("--dim", type=int, default=512, help="feature dimension")
     parser.add_argument("--noise", type=float, default=0.14, help="per-dimension feature noise around the identity centre")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="query rows ranked at once by the chunked path")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="query rows at once (current and previous paths)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per path; the fastest is compared")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip-irra", action="store_true", help="leave out the full-argsort path")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
-    parser.add_argument("--worker", choices=("chunked", "irra"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=PATHS, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -78,6 +88,44 @@ def build_similarity(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tens
     texts = F.normalize(centres[query_pids] + args.noise * torch.randn(args.queries, args.dim, generator=generator), dim=1)
     similarity = texts.to(args.device) @ images.to(args.device).t()  # [queries, gallery]
     return similarity, query_pids.to(args.device), gallery_pids.to(args.device)
+
+
+def previous_retrieval_metrics(
+    similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor, chunk_size: int
+) -> dict[str, float]:
+    """The sort-based ``retrieval_metrics`` that the counting one replaced (input checks left out).
+
+    Each chunk of query rows is stably sorted (values and int64 indices: ``(itemsize + 8)`` bytes per
+    entry), the relevance mask gathered into rank order and only the positives' ranks kept.
+    """
+    parts = []
+    for start in range(0, len(similarity), chunk_size):
+        block, pids = similarity[start : start + chunk_size], query_pids[start : start + chunk_size]
+        if torch.isnan(block).any():
+            raise ValueError(f"similarity has NaN in query rows {start}..{start + len(block) - 1}")
+        order = torch.sort(block, dim=1, descending=True, stable=True).indices  # [c, Ng]
+        relevant = gallery_pids.unsqueeze(0) == pids.unsqueeze(1)  # [c, Ng] in gallery order
+        matches = torch.gather(relevant, 1, order)  # [c, Ng] in rank order
+        del order
+        num_relevant = relevant.sum(1)
+        rows, ranks = matches.nonzero(as_tuple=True)  # row-major: ranks ascend per row
+        del matches, relevant
+        row_start = torch.cumsum(num_relevant, 0) - num_relevant
+        hits = torch.arange(1, len(ranks) + 1, device=ranks.device) - row_start[rows]
+        precision_sum = torch.zeros(len(num_relevant), dtype=torch.float64, device=ranks.device)
+        precision_sum.index_add_(0, rows, hits.double() / (ranks + 1).double())
+        has_positive = num_relevant > 0
+        first, last = torch.zeros_like(num_relevant), torch.zeros_like(num_relevant)
+        first[has_positive] = ranks[row_start[has_positive]]
+        last[has_positive] = ranks[row_start[has_positive] + num_relevant[has_positive] - 1]
+        parts.append((first, last, num_relevant, precision_sum))
+    first, last, num_relevant, precision_sum = (torch.cat(part) for part in zip(*parts))
+    valid = num_relevant > 0
+    relevant = num_relevant[valid].double()
+    metrics = {f"R{k}": (first[valid] < k).double().mean().item() * 100 for k in (1, 5, 10)}
+    metrics["mAP"] = (precision_sum[valid] / relevant).mean().item() * 100
+    metrics["mINP"] = (relevant / (last[valid] + 1).double()).mean().item() * 100
+    return metrics
 
 
 def irra_rank(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> dict[str, float]:
@@ -111,7 +159,8 @@ def _proc_status_bytes(field: str) -> int:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run one path once in this (fresh) process; its wall time and peak memory above the matrix.
+    """Run one path ``--repeat`` times in this (fresh) process: the wall time of each call and the
+    peak memory of the first one above the matrix.
 
     CPU: tracemalloc does not see torch's allocations, so the kernel's accounting is used. Writing
     ``5`` to ``/proc/self/clear_refs`` resets the resident-set high-water mark (``VmHWM``) to the
@@ -139,26 +188,35 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         except OSError:
             exact = False
             baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    start = time.perf_counter()
-    if args.worker == "chunked":
-        metrics = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=args.chunk_size)
-    else:
-        metrics = irra_rank(similarity, query_pids, gallery_pids)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    elif exact:
-        peak = _proc_status_bytes("VmHWM")
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_before = os.getloadavg()[0]
+    seconds, peak = [], None
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        if args.worker == "current":
+            metrics = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=args.chunk_size)
+        elif args.worker == "previous":
+            metrics = previous_retrieval_metrics(similarity, query_pids, gallery_pids, args.chunk_size)
+        else:
+            metrics = irra_rank(similarity, query_pids, gallery_pids)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        if peak is not None:
+            continue
+        if cuda:
+            peak = torch.cuda.max_memory_allocated()
+        elif exact:
+            peak = _proc_status_bytes("VmHWM")
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        "seconds": seconds,
+        "seconds": min(seconds),
+        "all_seconds": seconds,
+        "load": [load_before, os.getloadavg()[0]],
         "peak_bytes": peak - baseline,
         "matrix_bytes": similarity.numel() * similarity.element_size(),
         "exact": exact,
-        "metrics": {key: float(metrics[key]) for key in METRIC_KEYS},
+        "metrics": {key: float(metrics[key]) for key in METRIC_KEYS},  # exact: JSON round-trips floats
     }
 
 
@@ -180,38 +238,63 @@ def run_worker(path: str, argv: list[str]) -> dict[str, Any]:
     return json.loads(lines[-1].removeprefix(RESULT_MARKER))
 
 
+def cpu_flags() -> str:
+    """The :data:`CPU_FLAGS` this CPU has (``grep -o 'avx512_bf16\\|amx_bf16\\|avx2' /proc/cpuinfo``)."""
+    try:
+        present = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    return " ".join(flag for flag in CPU_FLAGS if flag in present) or "none of " + ", ".join(CPU_FLAGS)
+
+
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], skipped: str | None) -> str:
-    labels = {"chunked": f"chunked `retrieval_metrics` (chunk {args.chunk_size})", "irra": "IRRA `rank()` (full argsort)"}
+    labels = {
+        "current": f"`retrieval_metrics`: cell counts, no sort (chunk {args.chunk_size})",
+        "previous": f"previous: stable sort per chunk (chunk {args.chunk_size})",
+        "irra": "IRRA `rank()` (full argsort)",
+    }
     lines = [
         f"{args.queries:,} x {args.gallery:,} similarity, {args.ids:,} ids, device {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
-        f"matrix itself: {results['chunked']['matrix_bytes'] / MIB:,.0f} MiB (not counted below); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"CPU flags: {cpu_flags()}",
+        f"matrix itself: {results['current']['matrix_bytes'] / MIB:,.0f} MiB (not counted below); "
         f"workers run with {' '.join(f'{k}={v}' for k, v in WORKER_ENV.items())}",
         "",
-        "| path | wall s | peak extra memory MiB | R1 | R5 | R10 | mAP | mINP |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | wall s (fastest) | all calls s | peak extra memory MiB | load avg before → after "
+        "| R1 | R5 | R10 | mAP | mINP |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for path, result in results.items():
         m = result["metrics"]
         flag = "" if result["exact"] else " (ru_maxrss)"
         lines.append(
-            f"| {labels[path]} | {result['seconds']:.1f} | {result['peak_bytes'] / MIB:,.0f}{flag} | "
+            f"| {labels[path]} | {result['seconds']:.1f} | {' '.join(f'{t:.1f}' for t in result['all_seconds'])} | "
+            f"{result['peak_bytes'] / MIB:,.0f}{flag} | "
+            f"{result['load'][0]:.1f} → {result['load'][1]:.1f} | "
             + " | ".join(f"{m[key]:.3f}" for key in METRIC_KEYS)
             + " |"
         )
+    current, previous = results["current"], results["previous"]
+    same = current["metrics"] == previous["metrics"]
+    lines += [
+        "",
+        "| ratio | wall time | peak extra memory |",
+        "|---|---:|---:|",
+        f"| current / previous | {current['seconds'] / previous['seconds']:.3f}x | "
+        f"{current['peak_bytes'] / previous['peak_bytes']:.3f}x |",
+    ]
     if "irra" in results:
-        chunked, irra = results["chunked"], results["irra"]
-        difference = max(abs(chunked["metrics"][key] - irra["metrics"][key]) for key in METRIC_KEYS)
-        lines += [
-            "",
-            "| ratio chunked / IRRA | value |",
-            "|---|---:|",
-            f"| peak extra memory | {chunked['peak_bytes'] / irra['peak_bytes']:.3f}x |",
-            f"| wall time | {chunked['seconds'] / irra['seconds']:.2f}x |",
-            f"| largest metric difference (percentage points) | {difference:.2e} |",
-        ]
+        irra = results["irra"]
+        for path in ("current", "previous"):
+            lines.append(
+                f"| {path} / IRRA | {results[path]['seconds'] / irra['seconds']:.3f}x | "
+                f"{results[path]['peak_bytes'] / irra['peak_bytes']:.3f}x |"
+            )
+        difference = max(abs(current["metrics"][key] - irra["metrics"][key]) for key in METRIC_KEYS)
+        lines += ["", f"largest metric difference, current vs IRRA: {difference:.2e} percentage points"]
     else:
         lines += ["", f"IRRA path skipped: {skipped}"]
+    lines.append(f"current vs previous metrics: {'bit-identical' if same else 'DIFFERENT'}")
     return "\n".join(lines)
 
 
@@ -221,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker is not None:
         print(RESULT_MARKER + json.dumps(measure(args)), flush=True)
         return
-    results = {"chunked": run_worker("chunked", argv)}
+    results = {path: run_worker(path, argv) for path in ("current", "previous")}
     skipped = "--skip-irra" if args.skip_irra else None
     needed = (IRRA_BYTES_PER_ENTRY + 4) * args.queries * args.gallery  # + the float32 matrix itself
     if skipped is None and needed > 0.9 * available_bytes(args.device):
@@ -230,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         results["irra"] = run_worker("irra", argv)
     print(report(args, results, skipped))
     if args.json is not None:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+        arguments = {k: str(v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"args": arguments, "cpu_flags": cpu_flags(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

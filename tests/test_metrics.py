@@ -1,5 +1,6 @@
 """Retrieval metrics against independent references: a pure-Python brute force (ties included),
-a full-argsort transcription of IRRA's ``rank()``, and a hand-computed example."""
+the previous stable-sort implementation (bit-for-bit), a full-argsort transcription of IRRA's
+``rank()``, and a hand-computed example."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import logging
 import pytest
 import torch
 
+from upperson.evaluation import metrics as metrics_module
 from upperson.evaluation import retrieval_metrics
 
+CMC = (1, 5, 10)
 KEYS = ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "queries_without_positive")
 
 
@@ -63,6 +66,41 @@ def irra_rank(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: 
     }
 
 
+def sort_reference(
+    similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor, chunk_size: int
+) -> dict[str, float | torch.Tensor]:
+    """The previous implementation of ``retrieval_metrics``, kept as a reference: a stable descending
+    sort of each chunk of rows, the positives' ranks read off the sorted order, the same float64
+    accumulation. The sort-free implementation must reproduce it bit for bit."""
+    parts = []
+    for start in range(0, len(similarity), chunk_size):
+        block, pids = similarity[start : start + chunk_size], query_pids[start : start + chunk_size]
+        order = torch.sort(block, dim=1, descending=True, stable=True).indices
+        relevant = gallery_pids.unsqueeze(0) == pids.unsqueeze(1)
+        num_relevant = relevant.sum(1)
+        rows, ranks = torch.gather(relevant, 1, order).nonzero(as_tuple=True)
+        row_start = torch.cumsum(num_relevant, 0) - num_relevant
+        hits = torch.arange(1, len(ranks) + 1) - row_start[rows]
+        precision_sum = torch.zeros(len(num_relevant), dtype=torch.float64)
+        precision_sum.index_add_(0, rows, hits.double() / (ranks + 1).double())
+        has_positive = num_relevant > 0
+        first, last = torch.zeros_like(num_relevant), torch.zeros_like(num_relevant)
+        first[has_positive] = ranks[row_start[has_positive]]
+        last[has_positive] = ranks[row_start[has_positive] + num_relevant[has_positive] - 1]
+        parts.append((first, last, num_relevant, precision_sum))
+    first, last, num_relevant, precision_sum = (torch.cat(part) for part in zip(*parts))
+    valid = num_relevant > 0
+    relevant = num_relevant[valid].double()
+    result: dict[str, float | torch.Tensor] = {f"R{k}": (first[valid] < k).double().mean().item() * 100 for k in CMC}
+    result["mAP"] = (precision_sum[valid] / relevant).mean().item() * 100
+    result["mINP"] = (relevant / (last[valid] + 1).double()).mean().item() * 100
+    result["rSum"] = result["R1"] + result["R5"] + result["R10"]
+    result["num_queries"] = int(valid.sum())
+    result["queries_without_positive"] = len(similarity) - int(valid.sum())
+    result["first_positive_rank"] = torch.where(valid, first, -1)
+    return result
+
+
 def random_case(queries: int, gallery: int, ids: int, levels: int | None, dtype: torch.dtype, seed: int):
     generator = torch.Generator().manual_seed(seed)
     similarity = torch.rand(queries, gallery, generator=generator, dtype=torch.float64)
@@ -83,7 +121,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize(("queries", "gallery", "ids", "levels"), CASES)
 def test_matches_brute_force(queries: int, gallery: int, ids: int, levels: int | None, dtype: torch.dtype) -> None:
     similarity, query_pids, gallery_pids = random_case(queries, gallery, ids, levels, dtype, seed=queries * gallery)
@@ -92,6 +130,65 @@ def test_matches_brute_force(queries: int, gallery: int, ids: int, levels: int |
     for key in KEYS:
         assert result[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
     assert result["rSum"] == pytest.approx(expected["R1"] + expected["R5"] + expected["R10"], rel=1e-12)
+
+
+SORT_CASES = [
+    # queries, gallery, ids, similarity levels (None = continuous); 3 queries get no positive
+    (50, 40, 8, None),  # ~5 positives per query
+    (64, 300, 250, None),  # mostly one positive: first_positive_rank checks every rank
+    (40, 7, 3, 4),  # gallery smaller than 10
+    (33, 120, 2, 3),  # ~60 positives per query, nearly all scores tie
+    (30, 90, 1, 1),  # every gallery item positive, every score equal
+    (45, 200, 30, 50),
+]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize(("queries", "gallery", "ids", "levels"), SORT_CASES)
+def test_equals_stable_sort_reference(
+    queries: int, gallery: int, ids: int, levels: int | None, dtype: torch.dtype, chunk_size: int
+) -> None:
+    similarity, query_pids, gallery_pids = random_case(queries, gallery, ids, levels, dtype, seed=queries + gallery)
+    query_pids[:3] = ids  # not in the gallery
+    expected = sort_reference(similarity, query_pids, gallery_pids, chunk_size)
+    result = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=chunk_size, return_ranks=True)
+    assert result.pop("first_positive_rank").equal(expected.pop("first_positive_rank"))
+    assert result == expected  # bit for bit, not approximately
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_infinite_and_signed_zero_scores(dtype: torch.dtype) -> None:
+    similarity, query_pids, gallery_pids = random_case(40, 60, 5, 4, dtype, seed=9)
+    special = torch.randint(0, 8, similarity.shape, generator=torch.Generator().manual_seed(10))
+    for code, value in enumerate([float("inf"), float("-inf"), -0.0, 0.0]):
+        similarity[special == code] = value  # half of the scores: many ties at ±inf and ±0
+    expected = sort_reference(similarity, query_pids, gallery_pids, chunk_size=16)
+    result = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=16, return_ranks=True)
+    assert result.pop("first_positive_rank").equal(expected.pop("first_positive_rank"))
+    assert result == expected
+    brute = brute_force(similarity, query_pids, gallery_pids)
+    assert {key: result[key] for key in KEYS} == pytest.approx(brute, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("cells", "candidate_batch", "positives_per_block"),
+    [(1, 1, 1), (2, 7, 5), (16, 40, 50), (100_000, 2**21, 2**20)],
+)
+def test_cells_and_batches_change_nothing(
+    monkeypatch: pytest.MonkeyPatch, cells: int, candidate_batch: int, positives_per_block: int
+) -> None:
+    """The cell count only decides how many items are ordered exactly (one cell: all of them), the
+    batch sizes only bound memory: the metrics stay bit-identical to the stable sort."""
+    monkeypatch.setattr(metrics_module, "CELLS", cells)
+    monkeypatch.setattr(metrics_module, "CANDIDATE_BATCH_ITEMS", candidate_batch)
+    monkeypatch.setattr(metrics_module, "MAX_POSITIVES_PER_BLOCK", positives_per_block)
+    for levels in (None, 3):
+        similarity, query_pids, gallery_pids = random_case(37, 25, 4, levels, torch.float32, seed=12)
+        expected = sort_reference(similarity, query_pids, gallery_pids, chunk_size=8)
+        result = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=8, return_ranks=True)
+        assert result.pop("first_positive_rank").equal(expected.pop("first_positive_rank"))
+        assert result == expected
 
 
 def test_matches_irra_rank_without_ties() -> None:
@@ -170,6 +267,7 @@ def test_pids_as_lists() -> None:
         (torch.zeros(2, 3), [0, 1, 2], [0, 1, 2], 8, "1-D with the similarity's 2 rows"),
         (torch.zeros(2, 3), [0, 1], [0, 1], 8, "3 columns"),
         (torch.zeros(6), [0], [0], 8, r"must be \[N_q, N_g\]"),
+        (torch.zeros(2, 3, dtype=torch.int64), [0, 1], [0, 1, 2], 8, "must be floating point"),
         (torch.zeros(0, 3), [], [0, 1, 2], 8, "similarity is empty"),
         (torch.zeros(2, 3), [0, 1], [0, 1, 2], 0, "chunk_size must be >= 1"),
         (torch.tensor([[0.1, float("nan")], [0.3, 0.2]]), [0, 1], [0, 1], 1, "NaN in query rows 0..0"),
@@ -182,8 +280,9 @@ def test_invalid_input_is_an_error(similarity, query_pids, gallery_pids, chunk_s
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_equals_cpu() -> None:
-    similarity, query_pids, gallery_pids = random_case(70, 90, 7, 4, torch.float32, seed=8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_cpu(dtype: torch.dtype) -> None:
+    similarity, query_pids, gallery_pids = random_case(70, 90, 7, 4, dtype, seed=8)
     cpu = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=16, return_ranks=True)
     cuda = retrieval_metrics(similarity.cuda(), query_pids.cuda(), gallery_pids, chunk_size=16, return_ranks=True)
     assert cuda.pop("first_positive_rank").equal(cpu.pop("first_positive_rank"))
