@@ -59,7 +59,7 @@ from train_step import SPEED_TARGET, Batch, device_name, log, make_batch, mib, v
 import upperson  # noqa: E402
 from upperson.config import DataConfig, EvalConfig, RunConfig, TrainConfig  # noqa: E402
 from upperson.data.check import PAPER_STATISTICS  # noqa: E402
-from upperson.experiments.profile import PeakMemory  # noqa: E402
+from upperson.experiments.profile import PeakMemory, synchronized_seconds  # noqa: E402
 from upperson.petl.attention import AttentionBackend  # noqa: E402
 from upperson.runtime import autocast, cpu_flags, native_bf16, resolve_device, seed_everything  # noqa: E402
 from upperson.training.step import TrainingParts, backward, build_training, loss_terms, optimizer_step  # noqa: E402
@@ -346,13 +346,7 @@ def training_step(parts: TrainingParts, batch: Batch, half_model: bool) -> None:
 
 
 def timed(function: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
+    return synchronized_seconds(function, device)
 
 
 def repeat_timed(function: Callable[[], Any], setup: Setup) -> list[float]:

@@ -201,15 +201,20 @@ def train_step_memory(parts: TrainingParts, batch: _Batch) -> PeakMemory:
     return memory
 
 
+def synchronized_seconds(function: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one call; on CUDA the queued kernels are waited for before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 def _median_seconds(function: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> float:
     def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
+        return synchronized_seconds(function, device)
 
     for _ in range(warmup):
         timed()

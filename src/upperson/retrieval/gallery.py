@@ -57,8 +57,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 FAISS_THRESHOLD = 100_000
 """Galleries larger than this use FAISS (when importable); below it torch matmul is as fast."""
 _SCORE_BLOCK = 2048
-"""Gallery rows the torch path converts to float32 and multiplies at a time: 4 MiB at 512 dimensions,
-which stays in the CPU cache between the conversion and the product. Converting into one reused
+"""Gallery rows the torch path converts to float32 and multiplies at a time: a few MiB for CLIP-sized
+features, which stays in the CPU cache between the conversion and the product. Converting into one reused
 buffer matters: a fresh float32 copy per chunk (page faults on every new allocation) made ranking a
 1M-row gallery ~5x slower than the products themselves."""
 _SCORE_BUFFER = 1 << 24
