@@ -25,6 +25,7 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock
 
+from upperson.backbone.activations import use_lean_quick_gelu
 from upperson.backbone.pos_embed import resize_visual_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def load_backbone(source: str, image_size: int | tuple[int, int] = (384, 128)) -
 
 def _finish(clip: CLIP, source: str) -> Backbone:
     _check_supported(clip, source)
+    use_lean_quick_gelu(clip)
     clip.requires_grad_(False)
     clip.eval()
     return Backbone(

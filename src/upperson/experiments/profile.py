@@ -22,9 +22,10 @@ import random
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -33,8 +34,15 @@ import upperson
 from upperson.config import RunConfig
 from upperson.data import load_dataset
 from upperson.data.masking import mask_caption_tokens_with_labels
+from upperson.methods.exact_shortcuts import full_towers
 from upperson.runtime import autocast, resolve_device, seed_everything
-from upperson.training.step import TrainingParts, backward, build_training, loss_terms, optimizer_step
+from upperson.training.step import (
+    TrainingParts,
+    backward,
+    build_training,
+    loss_terms,
+    optimizer_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -261,8 +269,9 @@ def profile_config(
         return run
 
     encode_image, encode_text = autocast_encoder(model.encode_image), autocast_encoder(model.encode_text)
-    image_flops = count_flops(encode_image, batch.images[:1])
-    text_flops = count_flops(encode_text, batch.caption_ids[:1])
+    with full_towers():  # the architecture's FLOPs, as papers count them (training skips some: exact_shortcuts)
+        image_flops = count_flops(encode_image, batch.images[:1])
+        text_flops = count_flops(encode_text, batch.caption_ids[:1])
 
     def timed(encoder: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> Callable[[], Any]:
         def run() -> None:

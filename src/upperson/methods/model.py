@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from upperson.losses import at_least_fp32
 from upperson.backbone.loading import Backbone, BackboneSpec, state_dict_sha256
+from upperson.losses import at_least_fp32
+from upperson.methods.exact_shortcuts import (
+    encode_image_cls,
+    encode_text_trimmed,
+    image_cls_shortcut_applies,
+    image_embeddings,
+    text_trim_applies,
+)
 from upperson.petl import PETLAttention, PETLModule
 
 if TYPE_CHECKING:
@@ -71,12 +79,16 @@ class RetrievalModel(nn.Module):
         """``[N, 3, H, W]`` normalised images → ``[N, embed_dim]`` CLS features (fp32, or fp64 for an fp64 model) (unnormalised)."""
         if self._image_encoder is not None:
             return at_least_fp32(self._image_encoder(self.clip, images))
+        if image_cls_shortcut_applies(self.clip.visual):
+            return at_least_fp32(encode_image_cls(self.clip.visual, images))
         return at_least_fp32(self.clip.encode_image(images, normalize=False))
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """``[N, context_length]`` token ids → ``[N, embed_dim]`` EOT features (fp32 or fp64) (unnormalised)."""
         if self._text_encoder is not None:
             return at_least_fp32(self._text_encoder(self.clip, token_ids))
+        if text_trim_applies(self.clip):
+            return at_least_fp32(encode_text_trimmed(self.clip, token_ids))
         return at_least_fp32(self.clip.encode_text(token_ids, normalize=False))
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -89,12 +101,7 @@ class RetrievalModel(nn.Module):
         self._require_plain_tokens("image", self._image_encoder)
         if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != "tok" or visual.proj is None:
             raise ValueError("encode_image_tokens needs a ViT that pools its CLS token after ln_post and projects it")
-        x = visual.conv1(images)  # [N, width, grid_h, grid_w]
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [N, patches, width]
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [N, 1 + patches, width]
-        x = visual.ln_pre(visual.patch_dropout(x))
-        x = visual.ln_post(visual.transformer(x))
+        x = visual.ln_post(visual.transformer(image_embeddings(visual, images)))
         return at_least_fp32(x @ visual.proj)
 
     def encode_text_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:

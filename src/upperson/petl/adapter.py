@@ -6,6 +6,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import LayerNorm
 from torch import nn
 
@@ -46,7 +47,10 @@ class BottleneckAdapter(PETLModule):
         nn.init.ones_(self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(torch.relu(self.down(x)))
+        """``s · up(h)`` computed as ``up_w (s · h) + s · up_b``: the same value, but autograd keeps the
+        bottleneck-wide ``h`` (already kept by the ReLU) for s's gradient, not a width-wide tensor."""
+        hidden = torch.relu(self.down(x))
+        return F.linear(hidden * self.scale, self.up.weight, self.up.bias * self.scale)
 
 
 LayerNormAdapter = BottleneckAdapter

@@ -55,21 +55,34 @@ class PETLAttention(nn.Module):
         need_weights: bool = False,
         attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
-        """Same call and return convention as ``nn.MultiheadAttention`` (weights are never returned)."""
-        if (key is not None and key is not query) or (value is not None and value is not query):
-            raise ValueError("PETLAttention only supports self-attention (key and value must be the query)")
-        x = query if self.batch_first else query.transpose(0, 1)  # [B, N, width]
-        out = self._attend(x, attn_mask)
+        """Same call and return convention as ``nn.MultiheadAttention`` (weights are never returned).
+
+        Self-attention: ``key`` and ``value`` are the query tokens (or omitted). The query may also
+        be a subset of the tokens given as ``key`` (``value`` the same tensor): those queries attend
+        over all of them, as they would in full self-attention (used to run a last block on the
+        pooled row only).
+        """
+        key = query if key is None else key
+        if value is not None and value is not key:
+            raise ValueError("PETLAttention attends over one token set: value must be the key tensor")
+        x_query = query if self.batch_first else query.transpose(0, 1)  # [B, queries, width]
+        x = key if self.batch_first else key.transpose(0, 1)  # [B, tokens, width]
+        out = self._attend(x_query, x, attn_mask)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
-    def _attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        batch, tokens, width = x.shape
+    def _attend(self, x_query: torch.Tensor, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, queries, width = x_query.shape
+        tokens = x.shape[1]
         heads, head_dim = self.num_heads, width // self.num_heads
         side_lora = self.lora is not None and not self.lora_merged
         weight = self.in_proj_weight
         if side_lora and self.backend == "explicit":
             weight = self.lora.updated_in_proj(weight)
-        q, k, v = F.linear(x, weight, self.in_proj_bias).chunk(3, dim=-1)
+        if x_query is x:
+            q, k, v = F.linear(x, weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            q = F.linear(x_query, weight[:width], self.in_proj_bias[:width])
+            k, v = F.linear(x, weight[width:], self.in_proj_bias[width:]).chunk(2, dim=-1)
         if side_lora and self.backend == "sdpa":
             k, v = self.lora.update_key_value(x, k, v, self.in_proj_weight, self.in_proj_bias)
 
@@ -88,12 +101,13 @@ class PETLAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = self._explicit_attention(q, k, v, attn_mask, tokens)
-        out = out.transpose(1, 2).reshape(batch, tokens, width)
+        out = out.transpose(1, 2).reshape(batch, queries, width)
         return self.out_proj(out)
 
     def _explicit_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, tokens: int
     ) -> torch.Tensor:
+        """``tokens``: how many key columns come from the input (the rest are prefix columns)."""
         scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # [B, H, tokens, tokens + L]
         if attn_mask is not None:
             scores = scores + attn_mask.to(scores.dtype)

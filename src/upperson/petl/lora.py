@@ -33,8 +33,12 @@ class LowRankDelta(PETLModule):
         return self.scale * (self.lora_b @ self.lora_a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``σ · x Aᵀ Bᵀ`` without materialising the dense update."""
-        return self.scale * ((x @ self.lora_a.t()) @ self.lora_b.t())
+        """``σ · x Aᵀ Bᵀ`` without materialising the dense update.
+
+        σ multiplies the rank-wide ``x Aᵀ``, not the width-wide result: the same value, but autograd
+        then keeps a ``[..., rank]`` tensor for σ's gradient instead of a ``[..., width]`` one.
+        """
+        return ((x @ self.lora_a.t()) * self.scale) @ self.lora_b.t()
 
 
 class KVLoRA(PETLModule):

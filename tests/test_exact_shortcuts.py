@@ -1,0 +1,191 @@
+"""The work a training step skips must not change a number: CLS-only last block, text up to the last
+EOT, QuickGELU keeping one tensor, PETL scales applied in the narrow space."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, randomise_petl, sample_batch
+from open_clip.transformer import QuickGELU
+
+import upperson
+from upperson.backbone import load_backbone
+from upperson.backbone.activations import LeanQuickGELU
+from upperson.methods.exact_shortcuts import full_towers
+from upperson.petl import PETLAttention
+
+
+def fp64_model(**options) -> upperson.RetrievalModel:
+    model = make_model(**options).double()
+    randomise_petl(model)
+    return model
+
+
+def features_and_grads(model: upperson.RetrievalModel, images, ids, pids) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    image_features, text_features = model.encode_image(images), model.encode_text(ids)
+    upperson.losses.sdm_loss(image_features, text_features, pids).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return image_features.detach(), text_features.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+def test_shortcuts_give_the_full_towers_features_and_every_gradient(backend: str) -> None:
+    model = fp64_model(attention_backend=backend)
+    images, ids, pids = sample_batch()
+    images = images.double()
+    fast = features_and_grads(model, images, ids, pids)
+    with full_towers():
+        full = features_and_grads(model, images, ids, pids)
+    torch.testing.assert_close(fast[0], full[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast[1], full[1], rtol=0, atol=1e-12)
+    assert fast[2].keys() == full[2].keys() and len(fast[2]) == len(model.trainable_state_dict())
+    for name in full[2]:
+        torch.testing.assert_close(fast[2][name], full[2][name], rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_open_clip_features_within_fp32_rounding() -> None:
+    model = make_model()
+    randomise_petl(model)
+    images, ids, _ = sample_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), model.clip.encode_image(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(ids), model.clip.encode_text(ids), rtol=1e-5, atol=1e-5)
+
+
+def rows_seen_by_each_block(tower, run) -> list[int]:
+    """Query rows of each block's attention (the input length of its out-projection)."""
+    rows: list[int] = []
+    hooks = [
+        block.attn.out_proj.register_forward_hook(lambda _m, inputs, _o: rows.append(inputs[0].shape[-2]))
+        for block in tower.resblocks
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
+def test_text_runs_up_to_the_batch_s_last_eot_and_the_image_last_block_on_cls_only() -> None:
+    model = make_model()
+    images, ids, _ = sample_batch()
+    last_eot = int(ids.argmax(dim=-1).max())
+    assert last_eot + 1 < ids.shape[1]
+    text_rows = rows_seen_by_each_block(model.clip.transformer, lambda: model.encode_text(ids))
+    assert text_rows == [last_eot + 1] * len(model.clip.transformer.resblocks)
+    image_rows = rows_seen_by_each_block(model.clip.visual.transformer, lambda: model.encode_image(images))
+    tokens = 1 + (images.shape[2] // 16) * (images.shape[3] // 16)
+    assert image_rows == [tokens] * (len(image_rows) - 1) + [1]
+    with full_towers():
+        assert set(rows_seen_by_each_block(model.clip.transformer, lambda: model.encode_text(ids))) == {ids.shape[1]}
+        assert set(rows_seen_by_each_block(model.clip.visual.transformer, lambda: model.encode_image(images))) == {tokens}
+
+
+class TextTower(torch.nn.Module):
+    def __init__(self, model: upperson.RetrievalModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(token_ids)
+
+
+@pytest.mark.parametrize("tracer", ["torch.export", "torch.jit.trace"])
+def test_a_traced_text_encoder_serves_every_caption_length(tracer: str) -> None:
+    """Tracing (ONNX export) must not bake the example's length into the graph."""
+    model = make_model().eval()
+    short = upperson.tokenize(["a hat"])
+    long = upperson.tokenize(["a man in a long grey coat with a brown leather bag and black shoes walking"])
+    with torch.no_grad():
+        if tracer == "torch.export":
+            traced = torch.export.export(TextTower(model), (short,)).module()
+        else:
+            traced = torch.jit.trace(TextTower(model), short, check_trace=False)
+        torch.testing.assert_close(traced(long), model.encode_text(long), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+def test_attention_for_a_subset_of_queries_equals_those_rows_of_self_attention(backend: str) -> None:
+    model = fp64_model(attention_backend=backend)
+    attention = next(m for m in model.clip.transformer.modules() if isinstance(m, PETLAttention))
+    x = torch.randn(3, 7, attention.in_proj_weight.shape[1], dtype=torch.float64)
+    mask = torch.full((7, 7), float("-inf"), dtype=torch.float64).triu(1)
+    full, _ = attention(x, x, x, attn_mask=mask)
+    rows = [0, 4, 6]
+    subset, _ = attention(x[:, rows], x, x, attn_mask=mask[rows])
+    torch.testing.assert_close(subset, full[:, rows], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="value must be the key"):
+        attention(x[:, rows], x, x.clone())
+
+
+def test_lean_quick_gelu_is_open_clip_s_forward_and_the_analytic_gradient() -> None:
+    z = torch.linspace(-6, 6, 241, dtype=torch.float64, requires_grad=True)
+    lean = LeanQuickGELU()(z)
+    torch.testing.assert_close(lean, QuickGELU()(z), rtol=0, atol=0)
+    (gradient,) = torch.autograd.grad(lean.sum(), z)
+    s = 1 / (1 + torch.exp(-1.702 * z.detach()))
+    torch.testing.assert_close(gradient, s + 1.702 * z.detach() * s * (1 - s), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(LeanQuickGELU(), (z[::20].detach().clone().requires_grad_(),))
+
+
+def saved_bytes(function) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return sum(storages.values())
+
+
+def test_lean_quick_gelu_keeps_one_tensor_for_backward() -> None:
+    z = torch.randn(64, 256, requires_grad=True)
+    assert saved_bytes(lambda: LeanQuickGELU()(z)) == z.numel() * 4
+    assert saved_bytes(lambda: QuickGELU()(z)) == 2 * z.numel() * 4  # z and sigmoid(1.702 z)
+
+
+def test_backbones_get_the_lean_activation_without_changing_keys() -> None:
+    clip = load_backbone("tiny", (64, 32)).clip
+    lean = [m for m in clip.modules() if isinstance(m, LeanQuickGELU)]
+    assert len(lean) == len(clip.transformer.resblocks) + len(clip.visual.transformer.resblocks)
+    assert not any(type(m) is QuickGELU for m in clip.modules())
+    assert all(".gelu." not in key for key in clip.state_dict())
+    torch.jit.script(clip)  # OpenAI-style TorchScript archives can still be written
+
+
+def test_a_training_step_saves_far_less_than_the_full_towers() -> None:
+    """Saved activations of one UP-Person forward: lean (shortcuts, one-tensor QuickGELU, narrow
+    scales) against full towers with open_clip's QuickGELU; sizes are deterministic."""
+    model = make_model(image_size=(128, 64))
+    randomise_petl(model)
+    images, ids, pids = sample_batch(image_size=(128, 64))
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def forward() -> None:
+        upperson.losses.sdm_loss(model.encode_image(images), model.encode_text(ids), pids)
+
+    def activation_bytes() -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() not in parameters:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward()
+        return sum(storages.values())
+
+    lean = activation_bytes()
+    for parent in list(model.clip.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, LeanQuickGELU):
+                setattr(parent, name, QuickGELU())
+    with full_towers():
+        reference = activation_bytes()
+    assert lean < 0.6 * reference
