@@ -34,6 +34,7 @@ runs the same code on the CPU with the tiny backbone in well under a minute (CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -54,6 +55,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's upperson, installed or not (GPU machines run it from src/)
 
+from official_style import make_official_style, official_step  # noqa: E402
 from train_step import SPEED_TARGET, Batch, device_name, log, make_batch, mib, verdict  # noqa: E402
 
 import upperson  # noqa: E402
@@ -86,6 +88,8 @@ class SpeedPath:
     """``train.precision`` asked for (``auto`` is resolved for the device by ``build_training``)."""
     half_model: bool = False
     """Official style: every weight and the images in fp16, no autocast (losses still upcast to fp32)."""
+    official: bool = False
+    """The official step as ``official_style`` reproduces it: full towers, open_clip's QuickGELU."""
 
 
 def speed_paths(device: torch.device) -> dict[str, SpeedPath]:
@@ -96,11 +100,11 @@ def speed_paths(device: torch.device) -> dict[str, SpeedPath]:
     ]
     if device.type == "cuda":
         paths += [
-            SpeedPath("c", "official-style: explicit attention, fp16 weights and activations", "explicit", "fp32", half_model=True),
-            SpeedPath("c-fp32", "explicit attention, fp32 (train_step.py's (c))", "explicit", "fp32"),
+            SpeedPath("c", "official-style: explicit attention, full towers, fp16 weights and activations", "explicit", "fp32", half_model=True, official=True),
+            SpeedPath("c-fp32", "official-style in fp32 (train_step.py's official)", "explicit", "fp32", official=True),
         ]
     else:
-        paths.append(SpeedPath("c", "explicit attention, fp32 (fp16 weights need CUDA)", "explicit", "fp32"))
+        paths.append(SpeedPath("c", "official-style in fp32 (fp16 weights need CUDA)", "explicit", "fp32", official=True))
     return {path.key: path for path in paths}
 
 
@@ -328,6 +332,8 @@ def build_parts(path: SpeedPath, setup: Setup) -> TrainingParts:
     )
     seed_everything(0)
     parts = build_training(config, num_train_ids=1, device=setup.device)
+    if path.official:
+        make_official_style(parts.model)
     if path.half_model:
         parts.model.half()
     return parts
@@ -338,9 +344,10 @@ def batch_of(setup: Setup, batch_size: int) -> Batch:
     return make_batch(argparse.Namespace(batch_size=batch_size, image_size=setup.image_size, device=str(setup.device)))
 
 
-def training_step(parts: TrainingParts, batch: Batch, half_model: bool) -> None:
+def training_step(parts: TrainingParts, batch: Batch, half_model: bool, official: bool = False) -> None:
     images = batch.images.half() if half_model else batch.images
-    terms = loss_terms(parts, images, batch.token_ids, batch.pids, parts.precision)
+    with official_step() if official else contextlib.nullcontext():
+        terms = loss_terms(parts, images, batch.token_ids, batch.pids, parts.precision)
     backward(parts, sum(terms.values()))
     optimizer_step(parts)
 
@@ -367,7 +374,7 @@ def measure_training(path: SpeedPath, setup: Setup, batch_size: int, compile_bac
     parts.model.train()
 
     def step() -> None:
-        training_step(parts, batch, path.half_model)
+        training_step(parts, batch, path.half_model, path.official)
 
     first_s = timed(step, setup.device)
     for _ in range(setup.warmup - 1):

@@ -1,12 +1,19 @@
-"""Benchmark an UP-Person training step and LoRA-merged inference against plain CLIP.
+"""Benchmark an UP-Person training step against the official-style step, and LoRA-merged inference.
 
-Part 1, one training step (encode_image + encode_text, SDM loss, backward) for three paths:
+Part 1, one training step (encode_image + encode_text, SDM loss, backward), ViT-B/16 at 384x128:
 
-    (a) fused attention (``attention_backend="sdpa"``) under bf16 autocast, with the frozen matmul
-        weights stored in bf16 as the Trainer does (bit-identical outputs, no per-step casts);
-    (b) fused attention in fp32;
-    (c) the naive reference (``attention_backend="explicit"``) in fp32: it materialises the attention
-        matrix and the LoRA-updated in-projection weight, as the official code does.
+    official   the official code's step as :mod:`official_style` reproduces it, fp32: explicit
+               attention (attention matrix and LoRA-updated weight materialised), every token
+               through every block of both towers, open_clip's QuickGELU;
+    fp32       upperson's default step in fp32 (fused SDPA, LoRA as a side branch, the exact
+               shortcuts of ``upperson.methods.exact_shortcuts``, one-tensor QuickGELU);
+    bf16       the same under bf16 autocast with the frozen matmul weights stored in bf16, as
+               ``upperson train`` does with ``precision: auto`` on a CPU with native bf16;
+    *-math     SDPA restricted to its math kernel (the CPU default is the flash kernel);
+    *-channels-last  images and the patch convolution in channels-last memory format;
+    *-compile  ``torch.compile`` (inductor) of both encoders; its compile time is reported apart.
+
+bf16 paths run only where bf16 matmuls are native (CUDA, AVX512-BF16, AMX) unless ``--bf16 on``.
 
 Part 2, inference ``encode_image`` under ``torch.no_grad``: UP-Person with merged LoRA vs the same
 backbone without PETL vs raw open_clip.
@@ -14,13 +21,14 @@ backbone without PETL vs raw open_clip.
 Timing: every path is timed in this process, round-robin (one step of each path per round), so
 background load drifts over all paths alike; the median of the timed rounds is reported.
 
-Peak memory: each training path runs in a fresh subprocess whose very first step is measured with
-``upperson profile``'s :class:`~upperson.experiments.profile.PeakMemory`, so no allocation left
-over from another path or an earlier step is counted. Precision, autocast and the bf16 frozen
-weights come from :mod:`upperson.runtime`, as in training.
+Peak memory: each training path runs in a fresh subprocess whose first step (second for compiled
+paths, after compiling) is measured with ``upperson profile``'s
+:class:`~upperson.experiments.profile.PeakMemory`, so no allocation left over from another path is
+counted.
 
-Run ``python benchmarks/train_step.py --help`` for the options; the default takes a few minutes
-on a 2-core CPU. Backbone weights are random (no download); speed and memory do not depend on them.
+Run ``python benchmarks/train_step.py --help`` for the options; the default takes about ten
+minutes on a 2-core CPU (compiling is most of it; ``--no-compile`` skips it). Backbone weights are
+random (no download); speed and memory do not depend on them.
 """
 
 from __future__ import annotations
@@ -35,11 +43,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
+from official_style import make_official_style, official_step
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import upperson
 from upperson.experiments.profile import PeakMemory
@@ -60,9 +71,11 @@ CAPTIONS = (
 """Realistic captions of varied lengths (CUHK-PEDES style); cycled to the batch size."""
 
 SPEED_TARGET = 3.0
-"""(a) images/s must be at least this multiple of (c)."""
+"""bf16 images/s must be at least this multiple of the official fp32 step (CPUs with native bf16)."""
+FP32_SPEED_TARGET = 1.5
+"""Our fp32 step must be at least this much faster than the official fp32 step."""
 MEMORY_TARGET = 0.7
-"""(a) peak step memory must be at most this fraction of (c)."""
+"""Our fp32 step's peak memory must be at most this fraction of the official fp32 step's."""
 OVERHEAD_TARGET_PERCENT = 15.0
 """Merged UP-Person encode_image may be at most this much slower than raw open_clip."""
 RESULT_MARKER = "RESULT_JSON "
@@ -72,21 +85,32 @@ RESULT_MARKER = "RESULT_JSON "
 class TrainPath:
     key: str
     label: str
-    backend: str
     precision: Precision
+    official: bool = False
+    math_attention: bool = False
+    channels_last: bool = False
+    compiled: bool = False
 
 
 PATHS: dict[str, TrainPath] = {
-    "a": TrainPath("a", "fused (sdpa), bf16 autocast", "sdpa", "bf16"),
-    "b": TrainPath("b", "fused (sdpa), fp32", "sdpa", "fp32"),
-    "c": TrainPath("c", "explicit (reference), fp32", "explicit", "fp32"),
+    path.key: path
+    for path in (
+        TrainPath("official", "official-style: explicit attention, full towers, fp32", "fp32", official=True),
+        TrainPath("fp32", "upperson default, fp32", "fp32"),
+        TrainPath("fp32-math", "upperson, fp32, SDPA math kernel", "fp32", math_attention=True),
+        TrainPath("fp32-channels-last", "upperson, fp32, channels-last images", "fp32", channels_last=True),
+        TrainPath("fp32-compile", "upperson, fp32, torch.compile", "fp32", compiled=True),
+        TrainPath("bf16", "upperson default, bf16 autocast, bf16 frozen weights", "bf16"),
+        TrainPath("bf16-math", "upperson, bf16, SDPA math kernel", "bf16", math_attention=True),
+        TrainPath("bf16-compile", "upperson, bf16, torch.compile", "bf16", compiled=True),
+    )
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (and inference batches) per path")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per path")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per path (after a compiled path's compiling step)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--backbone", default="ViT-B-16-quickgelu", help="upperson backbone source")
     parser.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
@@ -99,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bf16 autocast paths: auto = only where the device has native bf16 matmuls "
         "(CUDA, or a CPU with AVX512-BF16/AMX); on = always; off = never",
     )
+    parser.add_argument("--paths", nargs="+", choices=sorted(PATHS), default=None, help="training paths (default: all that apply)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile paths")
     parser.add_argument("--skip-inference", action="store_true", help="only benchmark the training step")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--memory-worker", choices=sorted(PATHS), default=None, help=argparse.SUPPRESS)
@@ -116,6 +142,15 @@ def has_native_bf16(device: str) -> bool:
 
 def bf16_enabled(args: argparse.Namespace) -> bool:
     return args.bf16 == "on" or (args.bf16 == "auto" and has_native_bf16(args.device))
+
+
+def selected_paths(args: argparse.Namespace) -> list[str]:
+    keys = args.paths or list(PATHS)
+    use_bf16 = bf16_enabled(args)
+    return [
+        key for key in keys
+        if (use_bf16 or PATHS[key].precision != "bf16") and not (args.no_compile and PATHS[key].compiled)
+    ]
 
 
 def synchronize(device: str) -> None:
@@ -138,15 +173,6 @@ def build_up_person(args: argparse.Namespace, backend: str = "sdpa", **options: 
     return model.to(args.device)
 
 
-def build_path_model(args: argparse.Namespace, path: TrainPath) -> upperson.RetrievalModel:
-    """The model a path trains: under bf16 the frozen matmul weights are stored in bf16, exactly as
-    ``upperson train`` does (autocast would cast them at every use; outputs are bit-identical)."""
-    model = build_up_person(args, path.backend)
-    if path.precision in LOW_PRECISION:
-        model.store_frozen_matmul_weights(LOW_PRECISION[path.precision])
-    return model
-
-
 @dataclass
 class Batch:
     images: torch.Tensor
@@ -163,18 +189,50 @@ def make_batch(args: argparse.Namespace) -> Batch:
     return Batch(images.to(args.device), upperson.tokenize(captions).to(args.device), pids.to(args.device))
 
 
-def train_step(model: upperson.RetrievalModel, batch: Batch, path: TrainPath, device: str) -> float:
-    """One forward/SDM/backward step; returns its wall time in seconds."""
-    model.zero_grad(set_to_none=True)
-    synchronize(device)
-    start = time.perf_counter()
-    with autocast(torch.device(device), path.precision):
-        image_features = model.encode_image(batch.images)
-        text_features = model.encode_text(batch.token_ids)
-        loss = upperson.losses.sdm_loss(image_features, text_features, batch.pids, temperature=0.02)
-    loss.backward()
-    synchronize(device)
-    return time.perf_counter() - start
+@dataclass
+class PathRunner:
+    """One path's model and batch, ready to run training steps."""
+
+    path: TrainPath
+    model: upperson.RetrievalModel
+    batch: Batch
+    device: str
+
+    def __call__(self) -> float:
+        """One forward/SDM/backward step; returns its wall time in seconds."""
+        model, batch = self.model, self.batch
+        model.zero_grad(set_to_none=True)
+        synchronize(self.device)
+        start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(autocast(torch.device(self.device), self.path.precision))
+            if self.path.official:
+                stack.enter_context(official_step())
+            if self.path.math_attention:
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            image_features = model.encode_image(batch.images)
+            text_features = model.encode_text(batch.token_ids)
+            loss = upperson.losses.sdm_loss(image_features, text_features, batch.pids, temperature=0.02)
+        loss.backward()
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def build_runner(args: argparse.Namespace, path: TrainPath) -> PathRunner:
+    """The model a path trains, built as ``upperson train`` builds it for that precision."""
+    model = build_up_person(args, "explicit" if path.official else "sdpa")
+    if path.official:
+        make_official_style(model)
+    if path.precision in LOW_PRECISION:
+        model.store_frozen_matmul_weights(LOW_PRECISION[path.precision])
+    batch = make_batch(args)
+    if path.channels_last:
+        model.clip.visual.conv1.to(memory_format=torch.channels_last)
+        batch = Batch(batch.images.contiguous(memory_format=torch.channels_last), batch.token_ids, batch.pids)
+    if path.compiled:
+        model.encode_image = torch.compile(model.encode_image)
+        model.encode_text = torch.compile(model.encode_text)
+    return PathRunner(path, model, batch, args.device)
 
 
 @contextlib.contextmanager
@@ -197,17 +255,18 @@ def saved_activation_bytes(model: torch.nn.Module) -> Iterator[dict[int, int]]:
 
 
 def memory_worker(args: argparse.Namespace) -> None:
-    """Subprocess entry: measure the first training step of one path and print it as JSON."""
-    path = PATHS[args.memory_worker]
-    model = build_path_model(args, path)
-    batch = make_batch(args)
-    with PeakMemory(torch.device(args.device)) as memory, saved_activation_bytes(model) as saved:
-        seconds = train_step(model, batch, path, args.device)
+    """Subprocess entry: measure the first training step of one path (the second when compiled) as JSON."""
+    runner = build_runner(args, PATHS[args.memory_worker])
+    compile_s = runner() if runner.path.compiled else None
+    with PeakMemory(torch.device(args.device)) as memory, saved_activation_bytes(runner.model) as saved:
+        seconds = runner()
     result = {
         "peak_bytes": memory.delta,
         "peak_exact": memory.exact,
         "saved_activation_bytes": sum(saved.values()),
-        "first_step_s": seconds,
+        "measured_step_s": seconds,
+        "memory_step": 2 if runner.path.compiled else 1,
+        "first_step_s_fresh_process": compile_s if compile_s is not None else seconds,
     }
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
@@ -253,15 +312,15 @@ def round_robin(
     return times
 
 
-def time_training(args: argparse.Namespace, keys: list[str]) -> dict[str, list[float]]:
-    """Seconds per step for each path, each on its own model built as that path trains."""
-    batch = make_batch(args)
-    jobs = {key: _step_job(build_path_model(args, PATHS[key]), batch, PATHS[key], args.device) for key in keys}
-    return round_robin(jobs, args.warmup, args.steps, "train")
-
-
-def _step_job(model: upperson.RetrievalModel, batch: Batch, path: TrainPath, device: str) -> Callable[[], float]:
-    return lambda: train_step(model, batch, path, device)
+def time_training(args: argparse.Namespace, keys: list[str]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step for each path, each on its own model; and each path's first (compiling) step."""
+    runners = {}
+    first_steps = {}
+    for key in keys:
+        runners[key] = build_runner(args, PATHS[key])
+        first_steps[key] = runners[key]()
+        log(f"train: {key} first step {first_steps[key]:.2f}s")
+    return round_robin(runners, args.warmup, args.steps, "train"), first_steps
 
 
 INFERENCE_MODELS = {
@@ -325,6 +384,7 @@ def summarise(
     train_keys: list[str],
     memory: dict[str, dict[str, Any]],
     train_times: dict[str, list[float]],
+    first_steps: dict[str, float],
     inference_times: dict[str, dict[str, list[float]]],
     skipped_bf16: bool,
 ) -> dict[str, Any]:
@@ -337,18 +397,25 @@ def summarise(
             "step_s_median": median,
             "step_s_all": train_times[key],
             "images_per_s": args.batch_size / median,
+            "first_step_s": first_steps[key],
+            "compile_s": first_steps[key] - median if PATHS[key].compiled else None,
             **memory[key],
         }
 
-    def ratio(key: str, num: str, den: str) -> float | None:
+    def ratio(field: str, num: str, den: str = "official") -> float | None:
         if num not in train or den not in train:
             return None
-        return train[num][key] / train[den][key]
+        return train[num][field] / train[den][field]
 
     ratios = {
-        f"({num})/({den}) {kind}": ratio(field, num, den)
-        for num, den in (("a", "c"), ("b", "c"), ("a", "b"))
+        f"{key} / official {kind}": ratio(field, key)
+        for key in train_keys if key != "official"
         for kind, field in (("speed", "images_per_s"), ("peak memory", "peak_bytes"))
+    }
+    fastest = {
+        precision: min((key for key in train_keys if PATHS[key].precision == precision and key != "official"),
+                       key=lambda key: train[key]["step_s_median"], default=None)
+        for precision in ("fp32", "bf16")
     }
     inference = {}
     for precision, times in inference_times.items():
@@ -363,10 +430,9 @@ def summarise(
             for name in times
         }
     targets = {
-        f"(a) speed >= {SPEED_TARGET:g}x (c)": verdict(ratios["(a)/(c) speed"], SPEED_TARGET, at_least=True),
-        f"(a) peak memory <= {MEMORY_TARGET:g}x (c)": verdict(
-            ratios["(a)/(c) peak memory"], MEMORY_TARGET, at_least=False
-        ),
+        f"fp32 speed >= {FP32_SPEED_TARGET:g}x official": verdict(ratio("images_per_s", "fp32"), FP32_SPEED_TARGET, at_least=True),
+        f"fp32 peak memory <= {MEMORY_TARGET:g}x official": verdict(ratio("peak_bytes", "fp32"), MEMORY_TARGET, at_least=False),
+        f"bf16 speed >= {SPEED_TARGET:g}x official fp32": verdict(ratio("images_per_s", "bf16"), SPEED_TARGET, at_least=True),
     }
     for precision, models in inference.items():
         overhead = models["upperson_merged"]["overhead_percent_vs_open_clip"]
@@ -381,6 +447,7 @@ def summarise(
             "warmup": args.warmup,
             "device": args.device,
             "device_name": device_name(args.device),
+            "cpu_flags": cpu_flags(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "upperson": upperson.__version__,
@@ -389,9 +456,22 @@ def summarise(
         },
         "train": train,
         "ratios": ratios,
+        "fastest": fastest,
         "inference": inference,
         "targets": targets,
     }
+
+
+def cpu_flags() -> str:
+    """The /proc/cpuinfo flags that decide matmul speed here (fp32 FMA width, native bf16, AMX)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    return " ".join(flag for flag in wanted if flag in flags) or "unknown"
 
 
 def device_name(device: str) -> str:
@@ -412,26 +492,31 @@ def render(summary: dict[str, Any]) -> str:
         f"## UP-Person training step: {config['backbone']} {config['image_size'][0]}x{config['image_size'][1]}, "
         f"batch {config['batch_size']}, {config['device_name']}, {config['threads']} threads, torch {config['torch']}",
         "",
-        f"Median of {config['steps']} timed steps after {config['warmup']} warm-up step(s); "
-        f"{memory_kind} = first step in a fresh process, above the memory held before it.",
+        f"CPU flags: {config['cpu_flags']}. Median of {config['steps']} timed steps after {config['warmup']} warm-up "
+        f"step(s), round-robin; {memory_kind} = one step in a fresh process (the first; the second for compiled "
+        "paths), above the memory held before it.",
         "",
-        f"| path | images/s | step s (median) | {memory_kind} MiB | saved activations MiB |",
-        "|---|---:|---:|---:|---:|",
+        f"| path | images/s | step s (median) | first step s | compile s | {memory_kind} MiB | saved activations MiB | speed vs official | memory vs official |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    official = summary["train"].get("official")
     for key, row in summary["train"].items():
+        compile_s = "" if row["compile_s"] is None else f"{row['compile_s']:.0f}"
+        speed = f"{row['images_per_s'] / official['images_per_s']:.2f}x" if official else "n/a"
+        memory = f"{row['peak_bytes'] / official['peak_bytes']:.2f}x" if official else "n/a"
         lines.append(
-            f"| ({key}) {row['label']} | {row['images_per_s']:.3f} | {row['step_s_median']:.2f} | "
-            f"{mib(row['peak_bytes']):.0f} | {mib(row['saved_activation_bytes']):.0f} |"
+            f"| {key}: {row['label']} | {row['images_per_s']:.3f} | {row['step_s_median']:.2f} | {row['first_step_s']:.1f} | "
+            f"{compile_s} | {mib(row['peak_bytes']):.0f} | {mib(row['saved_activation_bytes']):.0f} | {speed} | {memory} |"
         )
     if config["bf16_paths_skipped"]:
         lines += [
             "",
-            f"(a) not run: {config['device_name']} has no native bf16 matmul (no AVX512-BF16/AMX), where "
+            f"bf16 not run: {config['device_name']} has no native bf16 matmul (no AVX512-BF16/AMX), where "
             "PyTorch's bf16 GEMM fallback is far slower than fp32; force it with `--bf16 on`.",
         ]
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    for name, value in summary["ratios"].items():
-        lines.append(f"| {name} | {'n/a' if value is None else f'{value:.2f}x'} |")
+    lines += ["", "Fastest measured per precision: " + ", ".join(
+        f"{precision}: {key}" for precision, key in summary["fastest"].items() if key is not None
+    )]
     for precision, models in summary["inference"].items():
         lines += [
             "",
@@ -460,12 +545,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.perf_counter()
     use_bf16 = bf16_enabled(args)
-    train_keys = [key for key in PATHS if use_bf16 or PATHS[key].precision != "bf16"]
+    train_keys = selected_paths(args)
     memory = measure_memory(args, train_keys)
-    train_times = time_training(args, train_keys)
+    train_times, first_steps = time_training(args, train_keys)
     gc.collect()
     inference_times = {} if args.skip_inference else time_inference(args, ["fp32", "bf16"] if use_bf16 else ["fp32"])
-    summary = summarise(args, train_keys, memory, train_times, inference_times, skipped_bf16=not use_bf16)
+    summary = summarise(args, train_keys, memory, train_times, first_steps, inference_times, skipped_bf16=not use_bf16)
     summary["total_wall_s"] = time.perf_counter() - started
     print(render(summary))
     print(f"\nTotal wall time: {summary['total_wall_s']:.0f} s")

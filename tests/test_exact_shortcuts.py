@@ -11,6 +11,7 @@ from open_clip.transformer import QuickGELU
 import upperson
 from upperson.backbone import load_backbone
 from upperson.backbone.activations import LeanQuickGELU
+from upperson.methods import exact_shortcuts
 from upperson.methods.exact_shortcuts import full_towers
 from upperson.petl import PETLAttention
 
@@ -189,3 +190,55 @@ def test_a_training_step_saves_far_less_than_the_full_towers() -> None:
     with full_towers():
         reference = activation_bytes()
     assert lean < 0.6 * reference
+
+
+def brute_force_groups(lengths: list[int], penalty: int, max_groups: int) -> float:
+    """Least padded rows + penalty over every split of the sorted lengths into <= max_groups runs."""
+    import itertools
+
+    ordered = sorted(lengths)
+    best = float("inf")
+    for groups in range(1, max_groups + 1):
+        for cuts in itertools.combinations(range(1, len(ordered)), groups - 1):
+            edges = [0, *cuts, len(ordered)]
+            cost = sum((b - a) * ordered[b - 1] + penalty for a, b in zip(edges, edges[1:]))
+            best = min(best, cost)
+    return best
+
+
+def grouping_cost(lengths: list[int], bounds: list[int], penalty: int) -> float:
+    cost, lower = 0.0, 0
+    for bound in bounds:
+        members = [length for length in lengths if lower < length <= bound]
+        cost += len(members) * bound + penalty
+        lower = bound
+    assert sum(1 for length in lengths if length <= bounds[-1]) == len(lengths)
+    return cost
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_are_the_optimal_split(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 40, (9,), generator=generator).tolist()
+    for penalty in (0, 20, 60, 1000):
+        bounds = exact_shortcuts.length_groups(lengths, penalty=penalty, max_groups=3)
+        assert bounds == sorted(set(bounds)) and bounds[-1] == max(lengths) and len(bounds) <= 3
+        assert grouping_cost(lengths, bounds, penalty) == brute_force_groups(lengths, penalty, 3)
+    assert exact_shortcuts.length_groups(lengths, penalty=10**9) == [max(lengths)]
+
+
+def test_captions_grouped_by_length_give_the_same_features_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exact_shortcuts, "LENGTH_GROUP_PENALTY_TOKENS", 0)  # split whenever it saves a row
+    model = fp64_model()
+    captions = ["a hat", "a woman in a long red coat with a black bag", "man", "grey jacket, blue jeans, white shoes"]
+    ids = upperson.tokenize(captions)
+    assert len(exact_shortcuts.length_groups((ids.argmax(dim=-1) + 1).tolist())) > 1
+    text_parameters = [p for p in model.clip.transformer.parameters() if p.requires_grad]
+    grouped = model.encode_text(ids)
+    grouped_grads = torch.autograd.grad(grouped.square().sum(), text_parameters)
+    with full_towers():
+        full = model.encode_text(ids)
+        full_grads = torch.autograd.grad(full.square().sum(), text_parameters)
+    torch.testing.assert_close(grouped, full, rtol=0, atol=1e-12)
+    for got, expected in zip(grouped_grads, full_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)

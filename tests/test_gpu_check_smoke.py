@@ -68,7 +68,7 @@ def test_smoke_markdown_has_every_section(smoke: tuple[Path, subprocess.Complete
     markdown = (out / "gpu_check.md").read_text()
     for heading in ("## Machine", "## Correctness on CUDA", "## Training step", "## Targets", "## Evaluation", "## torch.compile"):
         assert heading in markdown
-    assert "| CPU flags |" in markdown and "| (a) default" in markdown and "| (c) explicit" in markdown
+    assert "| CPU flags |" in markdown and "| (a) default" in markdown and "| (c) official-style" in markdown
     assert markdown in done.stdout  # printed at the end as well
     assert (out / "cuda_tests.xml").is_file() and (out / "cuda_tests.log").is_file()
 

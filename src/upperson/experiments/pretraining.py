@@ -26,6 +26,7 @@ from upperson.data.datasets import ImageTextDataset, collate_skip_none
 from upperson.data.synthetic import Scene, generate_synthetic_cuhk
 from upperson.data.transforms import build_transforms
 from upperson.losses import itc_loss
+from upperson.methods.exact_shortcuts import clip_image_features, clip_text_features
 from upperson.runtime import Progress, SilentProgress
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def pretrain_tiny_clip(corpus_root: Path, settings: PretrainingSettings, progres
             bar = progress(total=len(loader), desc=f"pre-training tiny CLIP {epoch + 1}/{settings.epochs}", unit="batch")
             total = 0.0
             for batch in loader:
-                loss = itc_loss(clip.encode_image(batch["images"]), clip.encode_text(batch["caption_ids"]), temperature=settings.temperature)
+                image_features = clip_image_features(clip, batch["images"])
+                text_features = clip_text_features(clip, batch["caption_ids"])
+                loss = itc_loss(image_features, text_features, temperature=settings.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -105,10 +105,71 @@ def text_trim_applies(clip: nn.Module) -> bool:
     )
 
 
+LENGTH_GROUP_PENALTY_TOKENS = 512
+"""A caption group is split off only when that saves more padded token rows than this (a group costs
+one pass of the tower: per-call overhead and smaller, less efficient matmuls)."""
+MAX_LENGTH_GROUPS = 4
+
+
+def length_groups(lengths: list[int], penalty: int | None = None, max_groups: int | None = None) -> list[int]:
+    """Upper length bounds of the groups that minimise padded token rows + ``penalty`` per group.
+
+    ``lengths`` are the captions' lengths up to and including their EOT. Grouping them by length
+    (each group padded to its own longest) does the same maths on fewer rows; the optimum over at
+    most ``max_groups`` contiguous groups of the sorted lengths is found by dynamic programming over
+    the distinct lengths (at most the context length), so it costs nothing next to the tower.
+    """
+    penalty = LENGTH_GROUP_PENALTY_TOKENS if penalty is None else penalty
+    max_groups = MAX_LENGTH_GROUPS if max_groups is None else max_groups
+    values = sorted(set(lengths))
+    counts = [sum(1 for length in lengths if length <= value) for value in values]  # cumulative
+    best: list[list[tuple[float, int]]] = []  # best[g][b]: (cost, start) covering values[0..b] with g + 1 groups
+    for groups in range(max_groups):
+        row = []
+        for end, value in enumerate(values):
+            if groups == 0:
+                row.append((counts[end] * value + penalty, 0))
+                continue
+            options = [
+                (best[groups - 1][start - 1][0] + (counts[end] - counts[start - 1]) * value + penalty, start)
+                for start in range(1, end + 1)
+            ]
+            row.append(min(options) if options else (float("inf"), 0))
+        best.append(row)
+    groups = min(range(max_groups), key=lambda g: best[g][-1][0])
+    bounds, end = [], len(values) - 1
+    while groups >= 0:
+        bounds.append(values[end])
+        end = best[groups][end][1] - 1
+        groups -= 1
+    return sorted(bounds)
+
+
 def encode_text_trimmed(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:
-    """``[N, context]`` ids → ``[N, embed_dim]`` unnormalised EOT features, running only up to the batch's last EOT."""
+    """``[N, context]`` ids → ``[N, embed_dim]`` unnormalised EOT features.
+
+    Each caption runs only up to its group's longest EOT: the batch is split into at most
+    :data:`MAX_LENGTH_GROUPS` groups of similar length (:func:`length_groups`); one group when
+    splitting would not pay.
+    """
     eot = token_ids.argmax(dim=-1)
-    length = int(eot.max()) + 1
+    lengths = (eot + 1).tolist()
+    bounds = length_groups(lengths)
+    if len(bounds) == 1:
+        return _encode_text_prefix(clip, token_ids, eot, bounds[0])
+    members = [[] for _ in bounds]
+    for row, length in enumerate(lengths):
+        members[next(index for index, bound in enumerate(bounds) if length <= bound)].append(row)
+    order = torch.tensor([row for group in members for row in group], device=token_ids.device)
+    parts = [
+        _encode_text_prefix(clip, token_ids[rows], eot[rows], bound)
+        for bound, group in zip(bounds, members)
+        for rows in [torch.tensor(group, device=token_ids.device)]
+    ]
+    return torch.cat(parts)[order.argsort()]
+
+
+def _encode_text_prefix(clip: CLIP, token_ids: torch.Tensor, eot: torch.Tensor, length: int) -> torch.Tensor:
     cast_dtype = clip.transformer.get_cast_dtype()
     x = clip.token_embedding(token_ids[:, :length]).to(cast_dtype)
     x = x + clip.positional_embedding[:length].to(cast_dtype)
@@ -117,3 +178,17 @@ def encode_text_trimmed(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:
     if isinstance(clip.text_projection, nn.Linear):
         return clip.text_projection(x)
     return x if clip.text_projection is None else x @ clip.text_projection
+
+
+def clip_image_features(clip: CLIP, images: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_image(images, normalize=False)``, through the CLS shortcut where it applies."""
+    if image_cls_shortcut_applies(clip.visual):
+        return encode_image_cls(clip.visual, images)
+    return clip.encode_image(images, normalize=False)
+
+
+def clip_text_features(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text(token_ids, normalize=False)``, trimmed after the last EOT where that applies."""
+    if text_trim_applies(clip):
+        return encode_text_trimmed(clip, token_ids)
+    return clip.encode_text(token_ids, normalize=False)

@@ -11,13 +11,7 @@ from torch import nn
 
 from upperson.backbone.loading import Backbone, BackboneSpec, state_dict_sha256
 from upperson.losses import at_least_fp32
-from upperson.methods.exact_shortcuts import (
-    encode_image_cls,
-    encode_text_trimmed,
-    image_cls_shortcut_applies,
-    image_embeddings,
-    text_trim_applies,
-)
+from upperson.methods.exact_shortcuts import clip_image_features, clip_text_features, image_embeddings
 from upperson.petl import PETLAttention, PETLModule
 
 if TYPE_CHECKING:
@@ -79,17 +73,13 @@ class RetrievalModel(nn.Module):
         """``[N, 3, H, W]`` normalised images → ``[N, embed_dim]`` CLS features (fp32, or fp64 for an fp64 model) (unnormalised)."""
         if self._image_encoder is not None:
             return at_least_fp32(self._image_encoder(self.clip, images))
-        if image_cls_shortcut_applies(self.clip.visual):
-            return at_least_fp32(encode_image_cls(self.clip.visual, images))
-        return at_least_fp32(self.clip.encode_image(images, normalize=False))
+        return at_least_fp32(clip_image_features(self.clip, images))
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """``[N, context_length]`` token ids → ``[N, embed_dim]`` EOT features (fp32 or fp64) (unnormalised)."""
         if self._text_encoder is not None:
             return at_least_fp32(self._text_encoder(self.clip, token_ids))
-        if text_trim_applies(self.clip):
-            return at_least_fp32(encode_text_trimmed(self.clip, token_ids))
-        return at_least_fp32(self.clip.encode_text(token_ids, normalize=False))
+        return at_least_fp32(clip_text_features(self.clip, token_ids))
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` images → ``[N, 1 + patches, embed_dim]`` projected tokens, CLS first.
