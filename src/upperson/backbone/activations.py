@@ -26,9 +26,11 @@ class _QuickGELUFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         (z,) = ctx.saved_tensors
-        gate = torch.sigmoid(QUICK_GELU_SLOPE * z)
-        # d/dz [z·σ(az)] = σ(az) + a·z·σ(az)·(1 − σ(az))
-        return grad * (gate + QUICK_GELU_SLOPE * z * gate * (1 - gate))
+        scaled = QUICK_GELU_SLOPE * z
+        gate = torch.sigmoid(scaled)
+        # d/dz [z·σ(az)] = σ(az) + az·σ(az)·(1 − σ(az)): grad·σ + az·(grad·σ·(1 − σ)), in five passes
+        gate_slope = torch.ops.aten.sigmoid_backward(grad, gate)  # grad·σ·(1 − σ)
+        return gate.mul_(grad).addcmul_(scaled, gate_slope)
 
 
 class LeanQuickGELU(nn.Module):
