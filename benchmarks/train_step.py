@@ -38,10 +38,12 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -287,7 +289,9 @@ def measure_memory(args: argparse.Namespace, keys: list[str]) -> dict[str, dict[
         if args.threads is not None:
             command += ["--threads", str(args.threads)]
         log(f"memory ({key}) {PATHS[key].label}: fresh subprocess")
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        with tempfile.TemporaryDirectory(prefix="upperson-inductor-") as cache:  # a cold compile, like a user's first
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_MARKER)]
         if completed.returncode != 0 or not lines:
             raise RuntimeError(f"memory worker for path {key} failed:\n{completed.stdout}\n{completed.stderr}")
@@ -544,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         memory_worker(args)
         return
     started = time.perf_counter()
+    # compile times are those of a first compile: inductor's on-disk cache starts empty in this process too
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="upperson-inductor-")
     use_bf16 = bf16_enabled(args)
     train_keys = selected_paths(args)
     memory = measure_memory(args, train_keys)

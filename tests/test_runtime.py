@@ -128,3 +128,23 @@ def test_epoch_seeds_are_deterministic_and_differ_per_epoch() -> None:
     assert orders[0] == orders[2] != orders[1]
     expected = torch.randperm(len(pids), generator=torch.Generator().manual_seed(epoch_seed(1, 1))).tolist()
     assert orders[1] == expected  # the sampler draws from runtime's epoch seed, nothing overwrites it
+
+
+def test_compile_auto_is_off_everywhere_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="upperson.runtime"):
+        assert runtime.resolve_compile("auto", CPU, "fp32") is False
+        assert runtime.resolve_compile("auto", CPU, "bf16") is False
+        assert runtime.resolve_compile("auto", CUDA, "bf16") is False
+        assert runtime.resolve_compile("off", CPU, "fp32") is False
+    assert "torch.compile auto -> off" in caplog.text
+
+
+def test_compile_on_needs_a_cpp_compiler_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        runtime.resolve_compile("on", CPU, "fp32")
+    assert runtime.resolve_compile("on", CUDA, "bf16") is True  # CUDA kernels come from Triton
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert runtime.resolve_compile("on", CPU, "fp32") is True
+    with pytest.raises(ValueError, match="auto, on, off"):
+        runtime.resolve_compile("yes", CPU, "fp32")

@@ -118,6 +118,11 @@ class TrainConfig:
     AVX512-BF16/AMX), fp16 on other GPUs, else fp32. fp16 uses a GradScaler and needs a GPU."""
     grad_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """``torch.compile`` (inductor) of the model's training forward. auto = off: measured on CPUs it does not
+    pay (fp32 and bf16 steps 2-4 % slower after compiling, ``benchmarks/train_step.py``: the compiled graph runs
+    captions at full length) and it is not measured on GPUs yet (``make gpu-check`` does). on = compile (needs a
+    C++ compiler on CPU; the first step compiles for a minute or more)."""
     temperature: float = 0.02
     """SDM temperature τ (fixed)."""
     seed: int = 1
@@ -152,6 +157,7 @@ class TrainConfig:
             _at_least(getattr(self, name), 1, f"train.{name}")
         _positive(self.temperature, "train.temperature")
         _require(self.sdm_scope in ("local", "global"), "train.sdm_scope", "'local' or 'global'", self.sdm_scope)
+        _require(self.compile in ("auto", "on", "off"), "train.compile", "'auto', 'on' or 'off'", self.compile)
 
 
 @dataclass

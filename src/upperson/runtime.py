@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -104,6 +105,27 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
             "AVX2-only CPUs); set train.precision=auto or fp32",
         )
     return requested  # type: ignore[return-value]
+
+
+def resolve_compile(requested: str, device: torch.device, precision: str) -> bool:
+    """Whether to ``torch.compile`` the training forward when the config asks for ``requested``.
+
+    ``auto`` is the measured best choice: off. On CPUs compiling does not pay
+    (``benchmarks/train_step.py``: fp32 and bf16 steps 2-4 % slower after a 20-60 s compile; the
+    compiled graph must run captions at full length, while eager steps stop at the last EOT); on GPUs
+    it is not measured yet (``make gpu-check`` measures it). ``on`` needs a C++ compiler for
+    inductor's CPU kernels.
+    """
+    if requested not in ("auto", "on", "off"):
+        raise ValueError(f"train.compile {requested!r}: choose one of auto, on, off")
+    if requested == "on":
+        if device.type == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
+            raise ValueError("train.compile on needs a C++ compiler on CPU (inductor builds its kernels with one): install g++ or set train.compile=off")
+        _log_once(logging.INFO, f"torch.compile on ({device.type}, {precision}): the first step compiles")
+        return True
+    if requested == "auto":
+        _log_once(logging.INFO, f"torch.compile auto -> off ({device.type}, {precision}: not measured to pay here)")
+    return False
 
 
 @functools.cache

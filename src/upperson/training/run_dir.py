@@ -35,6 +35,7 @@ RESUMABLE_FIELDS = frozenset(
     {
         "train.epochs",
         "train.eval_every",
+        "train.compile",
         "train.log_every",
         "eval.batch_size",
         "eval.chunk_size",

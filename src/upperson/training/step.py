@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from upperson.config import RunConfig
 from upperson.methods import RetrievalModel, create_model
-from upperson.runtime import LOW_PRECISION, Precision, autocast, grad_scaler, resolve_precision
+from upperson.runtime import LOW_PRECISION, Precision, autocast, grad_scaler, resolve_compile, resolve_precision
 from upperson.training.distributed import DistributedEnv, wrap_ddp
 from upperson.training.objective import CONTRASTIVE_LOSSES, TrainingObjective
 from upperson.training.schedule import build_optimizer, build_scheduler
@@ -95,6 +95,8 @@ def build_training(
     model.clip.set_grad_checkpointing(config.train.grad_checkpointing)
     if precision in LOW_PRECISION:
         model.store_frozen_matmul_weights(LOW_PRECISION[precision])
+    if resolve_compile(config.train.compile, device, precision):
+        model.compile()  # the training forward (loss_terms calls the model); evaluation stays eager
     multi_process = distributed is not None and distributed.enabled
     objective = TrainingObjective(
         config.train.losses,
