@@ -9,7 +9,9 @@ Part 1, one training step (encode_image + encode_text, SDM loss, backward), ViT-
                shortcuts of ``upperson.methods.exact_shortcuts``, one-tensor QuickGELU);
     bf16       the same under bf16 autocast with the frozen matmul weights stored in bf16, as
                ``upperson train`` does with ``precision: auto`` on a CPU with native bf16;
-    *-math     SDPA restricted to its math kernel (the CPU default is the flash kernel);
+    *-math, *-flash  SDPA restricted to its math or flash kernel (the default paths use the kernel
+               ``upperson.runtime.training_attention`` picks for the Trainer: math for bf16 on
+               AVX512-BF16 CPUs without AMX, SDPA's own choice, flash on CPUs, elsewhere);
     *-channels-last  images and the patch convolution in channels-last memory format;
     *-compile  ``torch.compile`` (inductor) of both encoders; its compile time is reported apart.
 
@@ -56,7 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import upperson
 from upperson.experiments.profile import PeakMemory
-from upperson.runtime import LOW_PRECISION, Precision, autocast, native_bf16
+from upperson.runtime import LOW_PRECISION, Precision, autocast, native_bf16, training_attention
 
 CAPTIONS = (
     "a woman in a red coat",
@@ -89,7 +91,8 @@ class TrainPath:
     label: str
     precision: Precision
     official: bool = False
-    math_attention: bool = False
+    attention: str = "default"
+    """``default`` = the Trainer's choice (``upperson.runtime.training_attention``), or ``math`` / ``flash`` forced."""
     channels_last: bool = False
     compiled: bool = False
 
@@ -98,12 +101,13 @@ PATHS: dict[str, TrainPath] = {
     path.key: path
     for path in (
         TrainPath("official", "official-style: explicit attention, full towers, fp32", "fp32", official=True),
-        TrainPath("fp32", "upperson default, fp32", "fp32"),
-        TrainPath("fp32-math", "upperson, fp32, SDPA math kernel", "fp32", math_attention=True),
+        TrainPath("fp32", "upperson default (as upperson train), fp32", "fp32"),
+        TrainPath("fp32-math", "upperson, fp32, SDPA math kernel", "fp32", attention="math"),
         TrainPath("fp32-channels-last", "upperson, fp32, channels-last images", "fp32", channels_last=True),
         TrainPath("fp32-compile", "upperson, fp32, torch.compile", "fp32", compiled=True),
-        TrainPath("bf16", "upperson default, bf16 autocast, bf16 frozen weights", "bf16"),
-        TrainPath("bf16-math", "upperson, bf16, SDPA math kernel", "bf16", math_attention=True),
+        TrainPath("bf16", "upperson default (as upperson train), bf16 autocast, bf16 frozen weights", "bf16"),
+        TrainPath("bf16-math", "upperson, bf16, SDPA math kernel", "bf16", attention="math"),
+        TrainPath("bf16-flash", "upperson, bf16, SDPA flash kernel", "bf16", attention="flash"),
         TrainPath("bf16-compile", "upperson, bf16, torch.compile", "bf16", compiled=True),
     )
 }
@@ -210,8 +214,11 @@ class PathRunner:
             stack.enter_context(autocast(torch.device(self.device), self.path.precision))
             if self.path.official:
                 stack.enter_context(official_step())
-            if self.path.math_attention:
-                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            if self.path.attention == "default" and not self.path.official:
+                stack.enter_context(training_attention(torch.device(self.device), self.path.precision))
+            elif self.path.attention != "default":
+                kernel = SDPBackend.MATH if self.path.attention == "math" else SDPBackend.FLASH_ATTENTION
+                stack.enter_context(sdpa_kernel([kernel]))
             image_features = model.encode_image(batch.images)
             text_features = model.encode_text(batch.token_ids)
             loss = upperson.losses.sdm_loss(image_features, text_features, batch.pids, temperature=0.02)

@@ -148,3 +148,25 @@ def test_compile_on_needs_a_cpp_compiler_on_cpu(monkeypatch: pytest.MonkeyPatch)
     assert runtime.resolve_compile("on", CPU, "fp32") is True
     with pytest.raises(ValueError, match="auto, on, off"):
         runtime.resolve_compile("yes", CPU, "fp32")
+
+
+@pytest.mark.parametrize(
+    ("cpu", "precision", "forced"),
+    [
+        (AVX2_ONLY | {"avx512f", "avx512_bf16"}, "bf16", True),
+        (AVX2_ONLY | {"avx512f", "avx512_bf16"}, "fp32", False),
+        (AVX2_ONLY | {"avx512_bf16", "amx_tile", "amx_bf16"}, "bf16", False),
+        (AVX2_ONLY, "fp32", False),
+    ],
+    ids=["avx512-bf16", "avx512-fp32", "amx-bf16", "avx2-fp32"],
+)
+def test_training_attention_forces_math_only_where_it_measured_faster(
+    monkeypatch: pytest.MonkeyPatch, cpu: frozenset[str], precision: str, forced: bool
+) -> None:
+    stub_hardware(monkeypatch, cpu=cpu)
+    q = torch.randn(1, 2, 5, 8)
+    with runtime.training_attention(CPU, precision):
+        backends = torch._C._get_math_sdp_enabled(), torch._C._get_flash_sdp_enabled()
+    assert backends == ((True, False) if forced else (True, True))
+    with runtime.training_attention(CPU, precision):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # some kernel stays available

@@ -152,6 +152,8 @@ def encode_text_trimmed(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:
     :data:`MAX_LENGTH_GROUPS` groups of similar length (:func:`length_groups`); one group when
     splitting would not pay.
     """
+    if token_ids.shape[0] == 0:
+        return clip.encode_text(token_ids, normalize=False)
     eot = token_ids.argmax(dim=-1)
     lengths = (eot + 1).tolist()
     bounds = length_groups(lengths)

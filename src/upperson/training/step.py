@@ -15,7 +15,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from upperson.config import RunConfig
 from upperson.methods import RetrievalModel, create_model
-from upperson.runtime import LOW_PRECISION, Precision, autocast, grad_scaler, resolve_compile, resolve_precision
+from upperson.runtime import (
+    LOW_PRECISION,
+    Precision,
+    autocast,
+    grad_scaler,
+    resolve_compile,
+    resolve_precision,
+    training_attention,
+)
 from upperson.training.distributed import DistributedEnv, wrap_ddp
 from upperson.training.objective import CONTRASTIVE_LOSSES, TrainingObjective
 from upperson.training.schedule import build_optimizer, build_scheduler
@@ -171,13 +179,13 @@ def _loss_terms(
 ) -> dict[str, torch.Tensor]:
     mlm_head = objective.mlm
     if mlm_head is None:
-        with autocast(images.device, precision):
+        with autocast(images.device, precision), training_attention(images.device, precision):
             image_features, text_features = model(images, caption_ids)
         terms = objective(image_features, text_features, pids)
     else:
         if mlm_ids is None or mlm_labels is None:
             raise ValueError("train.losses includes 'mlm': the batch needs mlm_ids and mlm_labels (ImageTextDataset(mlm=True))")
-        with autocast(images.device, precision):
+        with autocast(images.device, precision), training_attention(images.device, precision):
             image_tokens = model.encode_image_tokens(images)  # [B, 1 + patches, D]
             text_tokens = model.encode_text_tokens(mlm_ids)  # [B, L, D]
             if torch.equal(mlm_ids, caption_ids):
