@@ -20,6 +20,7 @@ traces (ONNX export, ``torch.compile``): a traced graph must serve every caption
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -121,8 +122,9 @@ def length_groups(lengths: list[int], penalty: int | None = None, max_groups: in
     """
     penalty = LENGTH_GROUP_PENALTY_TOKENS if penalty is None else penalty
     max_groups = MAX_LENGTH_GROUPS if max_groups is None else max_groups
-    values = sorted(set(lengths))
-    counts = [sum(1 for length in lengths if length <= value) for value in values]  # cumulative
+    ordered = sorted(lengths)
+    values = sorted(set(ordered))
+    counts = [bisect.bisect_right(ordered, value) for value in values]  # captions up to each length
     best: list[list[tuple[float, int]]] = []  # best[g][b]: (cost, start) covering values[0..b] with g + 1 groups
     for groups in range(max_groups):
         row = []

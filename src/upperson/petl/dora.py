@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from upperson.petl.base import PETLModule
+from upperson.petl.base import PETLModule, fused_in_proj_width
 from upperson.petl.lora import LowRankDelta
 
 
@@ -38,9 +38,7 @@ class KVDoRA(PETLModule):
 
     def __init__(self, in_proj_weight: torch.Tensor, rank: int) -> None:
         super().__init__()
-        width = in_proj_weight.shape[1]
-        if in_proj_weight.shape[0] != 3 * width:
-            raise ValueError(f"expected a fused [3·width, width] in-projection, got {tuple(in_proj_weight.shape)}")
+        width = fused_in_proj_width(in_proj_weight)
         device = in_proj_weight.device
         self.key = LowRankDelta(width, rank).to(device)
         self.value = LowRankDelta(width, rank).to(device)

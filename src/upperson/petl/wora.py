@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from upperson.petl.base import PETLModule
+from upperson.petl.base import PETLModule, fused_in_proj_width
 
 
 def _row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -103,9 +103,7 @@ class KVWoRA(PETLModule):
 
     def __init__(self, in_proj_weight: torch.Tensor, rank: int) -> None:
         super().__init__()
-        width = in_proj_weight.shape[1]
-        if in_proj_weight.shape[0] != 3 * width:
-            raise ValueError(f"expected a fused [3·width, width] in-projection, got {tuple(in_proj_weight.shape)}")
+        width = fused_in_proj_width(in_proj_weight)
         _, key_rows, value_rows = in_proj_weight.chunk(3, dim=0)  # each [width, width]
         self.key = WeightedDecomposition(key_rows, rank)
         self.value = WeightedDecomposition(value_rows, rank)
