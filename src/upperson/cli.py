@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a method on a dataset (progress bar, logs, checkpoints)")
     train.add_argument("--config", type=Path, help="YAML config (configs/up-person/*.yaml); defaults if omitted")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.root=/data or backbone=ViT-B-16.pt")
+    train.add_argument("--seed", type=int, help="shortcut for --set train.seed=SEED (giving both is an error)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run after its last completed epoch")
     train.add_argument("--run-dir", type=Path, help="where to write the run (default: output_dir/run_name)")
     train.add_argument(
@@ -89,13 +90,19 @@ def _parser() -> argparse.ArgumentParser:
         help="train and evaluate variants of a config, then write ablation.md/.json (paper Tables V, X)",
         description="Train every variant of VARIANTS.yaml on top of the base config, evaluate each on the test split, "
         "and tabulate them. VARIANTS.yaml is a YAML list of {name: NAME, set: {dotted.key: value, ...}} entries, e.g. "
-        "'- {name: sdm+itc, set: {train.losses: [sdm, itc]}}'. Each variant runs in OUT/NAME; finished variants "
-        "(metrics.json present) are skipped and interrupted ones resume, so re-running finishes a study.",
+        "'- {name: sdm+itc, set: {train.losses: [sdm, itc]}}'. Each variant runs in OUT/NAME (with --seeds N > 1: "
+        "OUT/NAME/seed-S for S = train.seed ... train.seed+N-1); finished runs (metrics.json present) are skipped "
+        "and interrupted ones resume, so re-running finishes a study.",
     )
     ablate.add_argument("--base", type=Path, help="base YAML config (defaults if omitted)")
     ablate.add_argument("--variants", type=Path, required=True, help="YAML list of {name, set} entries")
     ablate.add_argument("--out", type=Path, help="study directory (default: <output_dir>/<variants file name>)")
     ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every variant, before the variant's own")
+    ablate.add_argument(
+        "--seeds", type=int, default=1, metavar="N",
+        help="train each variant with N seeds (train.seed, train.seed+1, ...); the table shows mean ± sample std "
+        "(ddof=1), ablation.json every seed's values too (default: %(default)s, one run in OUT/NAME)",
+    )
 
     cross = commands.add_parser(
         "cross-domain",
@@ -260,12 +267,22 @@ def _progress(**kwargs: object) -> tqdm:
     return tqdm(dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0, **kwargs)
 
 
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` pairs, then ``--seed`` as ``train.seed=SEED`` (refused next to a ``--set train.seed=``)."""
+    if args.seed is None:
+        return list(args.set)
+    if any(pair.partition("=")[0].strip() == "train.seed" for pair in args.set):
+        raise ValueError("--seed and --set train.seed=... both set the seed; give one of them")
+    return [*args.set, f"train.seed={args.seed}"]
+
+
 def _train(args: argparse.Namespace) -> int:
+    overrides = _train_overrides(args)
     if args.resume:
-        config = load_config(args.resume / CONFIG_FILE, args.set)
+        config = load_config(args.resume / CONFIG_FILE, overrides)
         run_dir = args.resume
     else:
-        config = load_config(args.config, args.set)
+        config = load_config(args.config, overrides)
         run_dir = args.run_dir or default_run_dir(config)
     distributed = DistributedEnv.from_environment()
     if distributed.enabled and not args.resume and not args.run_dir and not config.run_name:
@@ -328,7 +345,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
     out = args.out or Path(load_config(args.base, args.set).output_dir) / args.variants.stem
     print(f"study directory: {out}")
-    rows = run_ablation(args.base, args.variants, out, args.set, progress=_progress)
+    rows = run_ablation(args.base, args.variants, out, args.set, progress=_progress, seeds=args.seeds)
     print(format_ablation_table(rows))
     print(f"wrote {out / ABLATION_MARKDOWN} and {out / ABLATION_JSON}")
     return EXIT_OK
