@@ -7,6 +7,7 @@ import torch
 from conftest import SMALL_IMAGE, make_model, sample_batch
 
 import reference
+from numerics import assert_within_rounding, rounding_sensitivity
 import upperson
 from upperson.backbone import load_backbone
 from upperson.methods.official import official_backbone_state_dict
@@ -75,18 +76,41 @@ def reference_outputs(sd: dict[str, torch.Tensor], images, ids, pids, dtype: tor
     return image.detach(), text.detach(), loss.detach(), grads
 
 
+def reference_sensitivity(sd: dict[str, torch.Tensor], images, ids, pids, spec) -> dict[str, float]:
+    """Rounding sensitivity ``S`` (tests/numerics.py) of the formula-level features, loss and PETL gradients."""
+    petl = [key for key in sd if official_to_upperson_key(key) is not None]
+
+    def compute(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        leaves = {key: value.detach().requires_grad_(key in petl) for key, value in values.items() if key != "images"}
+        image = reference.encode_image(leaves, values["images"], spec.vision_heads)
+        text = reference.encode_text(leaves, ids, spec.text_heads)
+        loss = reference.sdm(image, text, pids)
+        grads = torch.autograd.grad(loss, [leaves[key] for key in petl])
+        return {"image": image, "text": text, "loss": loss, **{f"grad.{key}": grad for key, grad in zip(petl, grads)}}
+
+    with torch.enable_grad():
+        return rounding_sensitivity(compute, {**reference_leaves(sd), "images": images})[1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64-exact", "fp32"])
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
 def test_import_matches_official_formulas_in_features_loss_and_gradients(backend: str, dtype: torch.dtype) -> None:
-    """fp64 shows the maths is identical (1e-10); fp32 shows the tolerance users see.
+    """fp64 shows the maths is identical (1e-10); fp32 shows the error users see, bounded by rounding.
 
-    In fp32 the exact (fp64) reference is the target. Features and loss must be within rtol 1e-4 /
-    atol 1e-5. Some gradient entries are sums of large cancelling terms (temperature 0.02 scales the
-    logits by 50), so their fp32 rounding error is set by the conditioning, not by the method; for
-    gradients we require our error to be at most twice that of the reference formulas computed in
-    fp32 (i.e. the official computation) or within rtol 1e-4 / atol 1e-5 x the tensor's largest entry.
+    In fp32 the exact (fp64) reference is the target and every output must lie within
+    ``ROUNDING_STAGES x S``, ``S`` its float64 response to one fp32 rounding of every input
+    (tests/numerics.py: a bound derived from the towers' depth, the same on every CPU). The
+    official formulas computed in fp32 are held to the same bound, so the test shows both
+    computations are as accurate as fp32 allows, not that ours matches one CPU's rounding.
+
+    Ours is up to ~2x less accurate than the official formulas on some gradients (median 7 S vs
+    4 S; on AVX2 kernels the lora_A of image block 0 was 5x the official error in one draw,
+    which a fixed "twice the official error" bound refused). Not a bug: we apply the LoRA scale σ
+    and the adapter scale s in the rank-/bottleneck-wide space and never materialise
+    ``W0 + σBA`` (saved activations 1484 -> 807 MiB on ViT-B/16), so their gradients are sums of
+    ``(g·B)·(x·Aᵀ)`` instead of ``g·(W x)``: by the triangle inequality the summed terms are larger
+    in magnitude than the official association's, and so is their rounding bound.
     """
-    tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     sd = official_state_dict()
     model = make_model(prefix_length=PREFIX, lora_rank=RANK, attention_backend=backend)
     report = upperson.import_official_state_dict(model, sd)
@@ -98,23 +122,31 @@ def test_import_matches_official_formulas_in_features_loss_and_gradients(backend
     image_features, text_features = model(images.to(dtype), ids)
     loss = upperson.losses.sdm_loss(image_features, text_features, pids)
     loss.backward()
+    ours = dict(model.named_parameters())
 
     spec = model.backbone_spec
     exact_image, exact_text, exact_loss, exact_grads = reference_outputs(sd, images, ids, pids, torch.float64, spec)
-    same_precision_grads = exact_grads if dtype == torch.float64 else reference_outputs(sd, images, ids, pids, dtype, spec)[3]
-
-    torch.testing.assert_close(image_features, exact_image.to(dtype), **tolerance)
-    torch.testing.assert_close(text_features, exact_text.to(dtype), **tolerance)
-    torch.testing.assert_close(loss, exact_loss.to(dtype), **tolerance)
-    ours = dict(model.named_parameters())
-    for key, exact in exact_grads.items():
-        ours_grad = ours[official_to_upperson_key(key)].grad.double()
-        atol = tolerance["atol"]
-        if dtype == torch.float32:
-            reference_error = (same_precision_grads[key].double() - exact).abs().max().item()
-            atol = max(atol * max(1.0, exact.abs().max().item()), 2 * reference_error)
-        torch.testing.assert_close(ours_grad, exact, rtol=tolerance["rtol"], atol=atol, msg=lambda m: f"{key}: {m}")
     assert len(exact_grads) == len(model.trainable_state_dict())
+    if dtype == torch.float64:
+        exact64 = {"image": (image_features, exact_image), "text": (text_features, exact_text), "loss": (loss, exact_loss)}
+        for key, exact in exact_grads.items():
+            exact64[key] = (ours[official_to_upperson_key(key)].grad, exact)
+        for name, (got, exact) in exact64.items():
+            torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+        return
+
+    sensitivity = reference_sensitivity(sd, images, ids, pids, spec)
+    official = reference_outputs(sd, images, ids, pids, torch.float32, spec)
+    for name, got, formula, exact in (
+        ("image", image_features, official[0], exact_image),
+        ("text", text_features, official[1], exact_text),
+        ("loss", loss, official[2], exact_loss),
+    ):
+        assert_within_rounding(got, exact, sensitivity[name], f"ours {name}")
+        assert_within_rounding(formula, exact, sensitivity[name], f"official formulas {name}")
+    for key, exact in exact_grads.items():
+        assert_within_rounding(ours[official_to_upperson_key(key)].grad, exact, sensitivity[f"grad.{key}"], f"ours {key}")
+        assert_within_rounding(official[3][key], exact, sensitivity[f"grad.{key}"], f"official formulas {key}")
 
 
 def test_import_converts_fp16_to_fp32_and_ignores_aliases() -> None:
