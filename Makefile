@@ -14,7 +14,14 @@ GPU_PYTHON ?=
 GPU_CHECK_OUT ?= gpu-check-results
 GPU_CHECK_ARGS ?=
 
-.PHONY: run test test-all bench gpu-check clean
+# The numerics-sensitive tests again with AVX2 kernels forced in torch/oneDNN/MKL, so that an AVX-512
+# or AMX machine also checks the AVX2 path (forcing changes the kernels' summation order, not their speed).
+# onnxruntime has no such switch (its MLAS picks kernels from CPUID); the int8 export tests hold on any ISA.
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+NUMERICS_TESTS := tests/test_official.py tests/test_mlm.py tests/test_export.py tests/test_exact_shortcuts.py \
+	tests/test_metrics.py tests/test_petl.py tests/test_cskt.py tests/test_variants.py tests/test_wora.py tests/test_losses.py
+
+.PHONY: run test test-avx2 test-all bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +37,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-avx2: $(STAMP)
+	$(AVX2_ENV) $(BIN)/python -m pytest -q -m "not slow" $(NUMERICS_TESTS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -47,6 +47,13 @@ GRAD_ATOL = 1e-5
 model. Summation order differs (two ranks, then DDP's mean, vs one matmul); observed up to 2.5e-6,
 and ~1e-15 when the same scenarios run in fp64. A bound relative to each tensor's own maximum would
 not hold for the tiny gradients of the scale parameters, whose rounding comes from larger terms."""
+EQUIVALENCE_OVERRIDES = ["train.losses=[sdm]", "train.epochs=2", "data.augment=true", "data.text_mask_prob=0.15", "train.select_on=last"]
+"""Two epochs of SDM with augmentation and caption masking on: the run 1 and 2 processes must share."""
+EQUIVALENCE_RTOL = 1e-4
+"""Largest ``max|a - b| / max|b|`` per adapter tensor between the 2-process and the 1-process run. The
+global batches are identical; only fp32 summation order differs (the ranks' halves, then the
+gradient all-reduce, vs one pass), a few roundings (~1e-7 relative) per step that Adam's
+normalisation can enlarge on near-zero gradients over the run's steps."""
 LOSS_RTOL = 1e-6
 """fp32: relative difference allowed between loss values (the encoders batch the rows differently)."""
 
@@ -154,12 +161,19 @@ def _worker(rank: int, port: int, data_root: Path, out: Path) -> None:
         batch = _local_batch(plain, rank)
         torch.save({"ddp": _gradients(wrapped, batch), "plain": _gradients(plain, batch)}, out / f"grads_rank{rank}.pt")
 
+        for scope in ("global", "local"):
+            config = load_config(None, tiny_overrides(data_root, out) + EQUIVALENCE_OVERRIDES + [f"train.sdm_scope={scope}"])
+            Trainer(config, out / f"equivalence_{scope}").fit()
         config = load_config(None, tiny_overrides(data_root, out) + TRAIN_OVERRIDES)
         _RecordingTrainer(config, out / "straight", record_dir=out).fit()
         interrupted = _RecordingTrainer(config, out / "resumed", record_dir=out)
         assert interrupted.fit(stop_after_epochs=1) is None
         result = _RecordingTrainer(config, out / "resumed", record_dir=out).fit(resume=True)
         torch.save({"best_epoch": result.best_epoch, "t2i": result.test_metrics["t2i"]}, out / f"result_rank{rank}.pt")
+
+
+def _data_root(runs: Path) -> Path:
+    return Path((runs / "data_root.txt").read_text())
 
 
 def _free_port() -> int:
@@ -172,6 +186,7 @@ def _free_port() -> int:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_root = write_cuhk_fixture(tmp_path_factory.mktemp("data"), {"train": 6, "val": 3, "test": 3})
     out = tmp_path_factory.mktemp("ddp")
+    (out / "data_root.txt").write_text(str(data_root))
     context = mp.start_processes(_worker, args=(_free_port(), data_root, out), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):
@@ -206,6 +221,35 @@ def test_ranks_hold_identical_tensors_after_every_epoch(runs: Path) -> None:
     recorded = torch.load(runs / "straight_rank1_epoch2.pt", weights_only=True)
     assert last.keys() == {key for key in recorded if not key.startswith("objective.")}
     assert all(torch.equal(last[key], recorded[key]) for key in last)
+
+
+def _max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in b)
+
+
+def test_two_processes_train_what_one_process_trains(runs: Path, tmp_path: Path) -> None:
+    """Same global batches (one order, sliced per rank), augmentation and masking keyed on the sample:
+    with ``sdm_scope: global`` 2 processes end where 1 process ends; with ``local`` they do not."""
+    data_root = _data_root(runs)
+    config = load_config(None, tiny_overrides(data_root, tmp_path) + EQUIVALENCE_OVERRIDES)
+    Trainer(config, tmp_path / "single", distributed=DistributedEnv()).fit()
+    single = load_file(str(tmp_path / "single" / "last.safetensors"))
+    together = load_file(str(runs / "equivalence_global" / "last.safetensors"))
+    apart = load_file(str(runs / "equivalence_local" / "last.safetensors"))
+    assert _max_relative_difference(together, single) <= EQUIVALENCE_RTOL
+    assert _max_relative_difference(apart, single) > 100 * EQUIVALENCE_RTOL  # the check has power
+    rows = [(tmp_path / "single" / "history.csv").read_text().splitlines(), (runs / "equivalence_global" / "history.csv").read_text().splitlines()]
+    assert len(rows[0]) == len(rows[1])
+    for one, two in zip(*rows):
+        for a, b in zip(one.split(","), two.split(",")):
+            try:
+                x, y = float(a), float(b)
+            except ValueError:
+                assert a == b
+                continue
+            if a and one.split(",")[1] == "loss":
+                assert x == pytest.approx(y, rel=1e-4)
 
 
 def test_rank_zero_writes_the_run_once(runs: Path) -> None:

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from upperson.data import RandomIdentitySampler, build_train_sampler
+from upperson.data import RandomIdentitySampler, build_train_batches, build_train_sampler
 
 # 12 ids with 1..12 samples each, interleaved so that indices of one id are not contiguous
 PIDS = [pid for round_ in range(12) for pid in range(12) if round_ <= pid]
@@ -94,3 +94,23 @@ def test_build_train_sampler_kinds() -> None:
     assert isinstance(identity, RandomIdentitySampler) and identity.ids_per_batch == 4
     with pytest.raises(ValueError, match="unknown sampler 'balanced'"):
         build_train_sampler("balanced", PIDS, batch_size=8, seed=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["random", "identity"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_slices_rebuild_the_single_process_batches(kind: str, world: int) -> None:
+    """Gathered in rank order, the ranks' slices of each step are the batch one process trains on."""
+    pids = [index // 3 for index in range(68)]  # 68 samples: the random order ends in a partial batch
+    single = build_train_batches(kind, pids, batch_size=16, micro_batch=8, seed=3, num_instances=2)
+    ranks = [build_train_batches(kind, pids, 16, 8, seed=3, num_replicas=world, rank=r, num_instances=2) for r in range(world)]
+    for epoch in (0, 1):
+        for sampler in [single, *ranks]:
+            sampler.set_epoch(epoch)
+        expected = list(single)
+        per_rank = [list(sampler) for sampler in ranks]
+        assert all(len(batches) == len(expected) for batches in per_rank)
+        for step, batch in enumerate(expected):
+            assert [index for batches in per_rank for index in batches[step]] == batch
+            assert {len(batches[step]) for batches in per_rank} <= {len(batch) // world, -(-len(batch) // world)}
+    if kind == "random":
+        assert len(expected[-1]) == 68 - 8 * 8  # the partial micro-batch (4 samples) is kept and split

@@ -5,7 +5,7 @@ from upperson.data.datasets import ImageDataset, ImageTextDataset, TextDataset, 
 from upperson.data.masking import mask_caption_tokens
 from upperson.data.readers import DATASETS, DatasetFormatError, DatasetNotFoundError, load_dataset, pre_caption
 from upperson.data.records import EvalSplit, MissingSplitError, Problem, RetrievalDataset, TrainSample
-from upperson.data.samplers import RandomIdentitySampler, SeededRandomSampler, build_train_sampler
+from upperson.data.samplers import GlobalBatchSlices, RandomIdentitySampler, SeededRandomSampler, build_train_batches, build_train_sampler
 from upperson.data.transforms import CLIP_MEAN, CLIP_STD, build_transforms
 
 __all__ = [
@@ -20,12 +20,14 @@ __all__ = [
     "ImageTextDataset",
     "MissingSplitError",
     "Problem",
+    "GlobalBatchSlices",
     "RandomIdentitySampler",
     "RetrievalDataset",
     "SeededRandomSampler",
     "SplitSummary",
     "TextDataset",
     "TrainSample",
+    "build_train_batches",
     "build_train_sampler",
     "build_transforms",
     "check_dataset",

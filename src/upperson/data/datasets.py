@@ -125,7 +125,9 @@ class ImageTextDataset(Dataset):
     """Training pairs ``{"images", "caption_ids", "pids", "image_ids"}``, one per caption.
 
     With ``text_mask_prob > 0`` the caption ids are masked (spec B.4). The masking draws come from
-    an RNG seeded by ``(seed, epoch, index)``, so an item is the same in any worker and on resume.
+    an RNG seeded by ``(seed, epoch, index)``, so an item is the same in any worker and on resume;
+    so do the image augmentation's (torch's generator, forked and reseeded per item), so an item is
+    also the same in any process of a multi-process run.
     Call `set_epoch` before creating the epoch's iterator: workers copy the dataset when the
     iterator starts (with ``persistent_workers`` they would keep the old epoch).
 
@@ -180,7 +182,10 @@ class ImageTextDataset(Dataset):
                 caption_ids = masked_ids
             if self.mlm:
                 item = {"mlm_ids": masked_ids, "mlm_labels": labels}
-        return {"images": self.transform(image), "caption_ids": caption_ids, "pids": sample.pid, "image_ids": sample.image_id, **item}
+        with torch.random.fork_rng(devices=[]):  # augmentation keyed on the sample, not on the process
+            torch.manual_seed(random.Random(f"augment:{self.seed}:{self.epoch}:{index}").getrandbits(63))
+            pixels = self.transform(image)
+        return {"images": pixels, "caption_ids": caption_ids, "pids": sample.pid, "image_ids": sample.image_id, **item}
 
 
 class ImageDataset(Dataset):

@@ -125,6 +125,68 @@ class RandomIdentitySampler(Sampler[int]):
         return len(self._indices())
 
 
+class GlobalBatchSlices(Sampler[list[int]]):
+    """Batch sampler: this process's slice of every global micro-batch of one global sample order.
+
+    Every process draws the same global order (``order``, seeded by ``(seed, epoch)`` only) and
+    cuts it into micro-batches of ``micro_batch`` samples, exactly as one process would batch it;
+    rank ``r`` of ``N`` takes the ``r``-th of ``N`` equal slices of each. The ranks' slices,
+    gathered in rank order (``train.sdm_scope: global``), are therefore the micro-batch that one
+    process trains on at the same step, whatever ``N`` is. A last, partial micro-batch is split as
+    evenly as possible; one with fewer than ``N`` samples is dropped (every rank must step).
+    """
+
+    def __init__(self, order: Sampler[int], micro_batch: int, num_replicas: int = 1, rank: int = 0, drop_last: bool = False) -> None:
+        if micro_batch < num_replicas or micro_batch % num_replicas:
+            raise ValueError(f"global micro-batch of {micro_batch} samples cannot be split evenly over {num_replicas} processes")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1} (num_replicas)")
+        self.order, self.micro_batch = order, micro_batch
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of the global order."""
+        self.order.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def _slices(self) -> list[list[int]]:
+        indices, world = list(self.order), self.num_replicas
+        slices = []
+        for start in range(0, len(indices), self.micro_batch):
+            chunk = indices[start : start + self.micro_batch]  # one global micro-batch
+            if len(chunk) < self.micro_batch and (self.drop_last or len(chunk) < world):
+                break
+            bounds = [len(chunk) * part // world for part in range(world + 1)]
+            slices.append(chunk[bounds[self.rank] : bounds[self.rank + 1]])
+        return slices
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._slices())
+
+    def __len__(self) -> int:
+        return len(self._slices())
+
+
+def build_train_batches(
+    kind: Literal["random", "identity"],
+    pids: Sequence[int],
+    batch_size: int,
+    micro_batch: int,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    num_instances: int = 4,
+    drop_last: bool = False,
+) -> GlobalBatchSlices:
+    """The training batch sampler: this rank's share of the one global order of ``kind``.
+
+    Args:
+        batch_size: the global batch (an optimizer step), which identity batches are built for.
+        micro_batch: the global micro-batch (``batch_size / grad_accumulation``), split over the ranks.
+    """
+    order = build_train_sampler(kind, pids, batch_size, seed, num_instances=num_instances)
+    return GlobalBatchSlices(order, micro_batch, num_replicas, rank, drop_last)
+
+
 def build_train_sampler(
     kind: Literal["random", "identity"],
     pids: Sequence[int],

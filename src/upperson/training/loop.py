@@ -18,7 +18,7 @@ from upperson.config import RunConfig, load_config, save_config
 from upperson.data import check_dataset, load_dataset
 from upperson.data.datasets import ImageTextDataset, collate_skip_none
 from upperson.data.records import RetrievalDataset
-from upperson.data.samplers import build_train_sampler
+from upperson.data.samplers import build_train_batches
 from upperson.data.transforms import build_transforms
 from upperson.evaluation.evaluate import evaluate_with_config
 from upperson.methods import RetrievalModel
@@ -88,10 +88,11 @@ class Trainer:
     augmentation are seeded from ``(seed, epoch)``.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process trains on its share of the data with
-    DistributedDataParallel: ``train.batch_size`` stays the global batch, each rank gets
-    ``batch_size / world_size``, and the losses are computed per rank on the local batch (SDM and
-    ITC on all ranks' batches with ``train.sdm_scope: global``). Rank ``r`` seeds augmentation
-    with ``seed + r`` (the weights start identical on every rank). Only
+    DistributedDataParallel: ``train.batch_size`` stays the global batch; every rank draws the same
+    global order and takes its slice of each micro-batch (`GlobalBatchSlices`), and augmentation and
+    masking are keyed on ``(seed, epoch, sample)``, so the global batch of every step is the one a
+    single process trains on. Losses are computed per rank on the local batch (SDM and ITC on all
+    ranks' batches with ``train.sdm_scope: global``). Only
     rank 0 evaluates, writes the run directory and shows progress; the others wait at a barrier.
     """
 
@@ -222,40 +223,38 @@ class Trainer:
             logger.warning("model selection on the test split: %s", TEST_SELECTION_LABEL)
         return choice
 
-    def _augmentation_seed(self, epoch: int) -> int:
-        """Seed of this rank's augmentation and worker RNGs in ``epoch`` (rank 0 = the single-process seed)."""
-        return epoch_seed(self.config.train.seed + self.distributed.rank, epoch)
+    def _loader_seed(self, epoch: int) -> int:
+        """Seed of the loader's worker RNGs in ``epoch``, the same on every rank (items seed their own draws)."""
+        return epoch_seed(self.config.train.seed, epoch)
 
     def _train_loader(self, train_set: ImageTextDataset, epoch: int) -> DataLoader:
         config = self.config
-        rank_batch = config.train.batch_size // self.distributed.world_size
-        micro_batch = rank_batch // config.train.grad_accumulation
-        sampler = build_train_sampler(
+        batches = build_train_batches(
             config.data.sampler,
             [sample.pid for sample in train_set.samples],
-            batch_size=rank_batch,
+            batch_size=config.train.batch_size,
+            micro_batch=config.train.batch_size // config.train.grad_accumulation,
             seed=config.train.seed,
             num_replicas=self.distributed.world_size,
             rank=self.distributed.rank,
             num_instances=config.data.num_instances,
+            drop_last=config.data.drop_last,
         )
-        sampler.set_epoch(epoch)  # the sampler seeds itself from (seed, epoch)
+        batches.set_epoch(epoch)  # the global order is seeded from (seed, epoch)
         train_set.set_epoch(epoch)
         return DataLoader(
             train_set,
-            batch_size=micro_batch,
-            sampler=sampler,
+            batch_sampler=batches,
             num_workers=config.data.num_workers,
             collate_fn=collate_skip_none,
-            drop_last=config.data.drop_last,
-            generator=torch.Generator().manual_seed(self._augmentation_seed(epoch)),
+            generator=torch.Generator().manual_seed(self._loader_seed(epoch)),
             pin_memory=self.device.type == "cuda",
         )
 
     def _train_epoch(self, parts: TrainingParts, train_set: ImageTextDataset, epoch: int) -> None:
         config = self.config
         model, optimizer = parts.model, parts.optimizer
-        torch.manual_seed(self._augmentation_seed(epoch))  # augmentation in the main process
+        torch.manual_seed(self._loader_seed(epoch))
         loader = self._train_loader(train_set, epoch)
         accumulation = config.train.grad_accumulation
         model.train()
