@@ -9,19 +9,21 @@
 * ``text_encoder.onnx``: ``token_ids [N, context] int64`` (``export.json["text"]`` says how to
   tokenise) → the same two outputs, pooled at each row's EOT token (``argmax`` of the ids);
 * with ``quantize="int8"`` also ``image_encoder.int8.onnx`` and ``text_encoder.int8.onnx``:
-  onnxruntime dynamic quantisation (int8 weights with per-channel scales, activations quantised at
-  run time);
+  onnxruntime dynamic quantisation as :class:`Int8Scheme` describes (7-bit weights with one scale
+  per output channel, uint8 activations quantised per call; each tower's first block and the
+  projections stay fp32), whose integer arithmetic is the same on every x86 CPU, VNNI or not;
 * ``export.json``: what a runtime needs (image size, resize, normalisation, tokenizer settings,
   embedding size, how to compare features), where the model came from (method, its config,
   backbone and adapter sha256, upperson version), the opset, every file with its sha256, and the
-  parity measured against the torch model on random inputs.
+  parity measured against the torch model on random inputs, with the CPU that measured it.
 
 The batch N is dynamic; LoRA is folded into the frozen weights (the model must be merged, as
 :func:`~upperson.retrieval.factory.build_inference_model` returns it). Opset 18 and newer go
 through torch's dynamo exporter (``torch.export``), opsets 14-17 through the TorchScript exporter;
 both export ``scaled_dot_product_attention`` with the S-Prefix and CSKT's inserted tokens as they
 are. Everything is written into a temporary sibling directory that is renamed into place at the
-end, so an interrupted export leaves no half-written directory behind; an existing non-empty
+end, so an interrupted or refused export (fp32 below ``FP32_MIN_COSINE`` to torch, int8 below
+``INT8_MIN_COSINE`` to fp32) leaves no half-written directory behind; an existing non-empty
 directory is replaced only with ``overwrite`` and only if it holds nothing but an earlier export's
 files.
 """
@@ -29,9 +31,11 @@ files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import uuid
 import warnings
@@ -46,6 +50,7 @@ import onnx
 import onnxruntime
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
@@ -53,6 +58,7 @@ from upperson.data.transforms import describe_eval_transforms
 from upperson.methods import RetrievalModel
 from upperson.petl import PETLAttention
 from upperson.retrieval.gallery import file_sha256
+from upperson.runtime import cpu_flags
 from upperson.tokenizer import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, tokenizer_settings
 from upperson.version import __version__
 
@@ -73,6 +79,10 @@ MIN_OPSET = 14
 """``scaled_dot_product_attention`` has no ONNX form before opset 14."""
 FP32_MIN_COSINE = 0.9999
 """An fp32 export whose features fall below this cosine to torch's on any parity input is refused."""
+INT8_MIN_COSINE = 0.995
+"""An int8 export whose features fall below this cosine to the fp32 file's on any parity input is refused."""
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16")
+"""/proc/cpuinfo flags that decide which kernels onnxruntime's integer matmuls run (and how fast)."""
 PARITY_SAMPLES = 4
 """Random images and captions the export checks itself on."""
 _CHATTY_LOGGERS = ("", "onnxscript", "onnx_ir")
@@ -86,6 +96,52 @@ def encoder_file(tower: Tower, precision: Precision = "fp32") -> str:
 
 EXPORT_FILES = frozenset({MANIFEST_FILE} | {encoder_file(tower, p) for tower in TOWERS for p in ("fp32", "int8")})
 """Everything an export directory holds; ``overwrite`` replaces only directories holding nothing else."""
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    """How ``--quantize int8`` quantises: onnxruntime's ``quantize_dynamic`` (int8 weights, uint8 activations per call).
+
+    The defaults were chosen by measurement (README, *Export for the edge*). ``reduce_range`` is what
+    makes the files safe on every x86 CPU: onnxruntime multiplies uint8 activations by int8 weights
+    with ``VPMADDUBSW`` on CPUs without VNNI, which adds two products in a saturating int16. With
+    8-bit weights that sum reaches 2 * 255 * 127 = 64,770 and saturates (measured on an emulated
+    AVX2-only CPU: the tests' text features fell to cosine 0.979 of fp32); with 7-bit weights
+    (|w| <= 64) it is at most 2 * 255 * 64 = 32,640 <= 32,767, so every CPU computes the same
+    integers as one with VNNI. 7 bits double the weights' rounding error; leaving the first block
+    (the one that loses most) and the projections in fp32 more than wins it back (ViT-B/16 text:
+    1 - cosine 0.0024 -> 0.0010) at 0-15 % of the int8 speed (two runs on ViT-B/16).
+    """
+
+    per_channel: bool = True
+    """One weight scale per output channel (else one per tensor)."""
+    reduce_range: bool = True
+    """7-bit weights: no int16 saturation on x86 CPUs without VNNI. Off, the result depends on the CPU."""
+    fp32_first_blocks: int = 1
+    """Transformer blocks at the input end of each tower whose matmuls stay fp32."""
+    fp32_projections: bool = True
+    """Keep the final image / text projections fp32 (they run on one row per input)."""
+
+    def __post_init__(self) -> None:
+        if self.fp32_first_blocks < 0:
+            raise ValueError(f"Int8Scheme.fp32_first_blocks must be >= 0, got {self.fp32_first_blocks}")
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting, as ``export.json`` records it."""
+        return {
+            "method": "onnxruntime.quantization.quantize_dynamic",
+            "onnxruntime_version": onnxruntime.__version__,
+            "weight_type": "QInt8",
+            "weights": f"int8, symmetric, {'7 bits (|w| <= 64)' if self.reduce_range else '8 bits'}, "
+            f"one scale per {'output channel' if self.per_channel else 'tensor'}",
+            "activations": "uint8, asymmetric, one scale per tensor computed per call (DynamicQuantizeLinear)",
+            **dataclasses.asdict(self),
+            "saturation_free_without_vnni": self.reduce_range,
+            "min_cosine_to_fp32": INT8_MIN_COSINE,
+        }
+
+
+DEFAULT_INT8_SCHEME = Int8Scheme()
 
 
 @dataclass(frozen=True)
@@ -199,6 +255,7 @@ def export_onnx(
     adapter: str | os.PathLike[str] | None = None,
     opset: int | None = None,
     quantize: Quantization | None = None,
+    int8_scheme: Int8Scheme = DEFAULT_INT8_SCHEME,
     overwrite: bool = False,
     parity_samples: int = PARITY_SAMPLES,
     seed: int = 0,
@@ -211,13 +268,15 @@ def export_onnx(
         adapter: the adapter file the model holds; its sha256 goes into ``export.json``.
         opset: ONNX opset, at least 14 (18 and newer use the dynamo exporter); default ``DEFAULT_OPSET``.
         quantize: ``"int8"`` also writes dynamically quantised encoders.
+        int8_scheme: how they are quantised.
         overwrite: replace an earlier export in ``out_dir``.
         parity_samples: random images and captions the export is checked on.
         seed: seed of those random inputs.
 
     Raises:
-        ValueError: the model cannot be exported as it is, ``out_dir`` is not usable, or the fp32
-            files disagree with torch (min cosine below ``FP32_MIN_COSINE``); nothing is written then.
+        ValueError: the model cannot be exported as it is, ``out_dir`` is not usable, the fp32
+            files disagree with torch (min cosine below ``FP32_MIN_COSINE``) or the int8 files with
+            fp32 (below ``INT8_MIN_COSINE``); nothing is written then.
     """
     _check_exportable(model)
     opset = DEFAULT_OPSET if opset is None else opset
@@ -235,12 +294,13 @@ def export_onnx(
     try:
         with _quiet(_CHATTY_LOGGERS):
             precisions: list[Precision] = ["fp32"] + ([quantize] if quantize else [])
-            _write_encoders(model, staging, opset, precisions)
+            fp32_nodes = _write_encoders(model, staging, opset, int8_scheme if quantize else None)
             runtimes = {precision: OnnxEncoders(*(staging / encoder_file(t, precision) for t in TOWERS)) for precision in precisions}
             parity = measure_parity(model, runtimes, *random_inputs(model, parity_samples, seed), inputs="random")
-        _check_fp32_parity(parity)
+        check_parity(parity)
         files = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
-        manifest = export_manifest(model, adapter, opset, files, staging, parity, quantize)
+        int8 = {"int8": {**int8_scheme.describe(), "fp32_nodes": fp32_nodes}} if quantize else None
+        manifest = export_manifest(model, adapter, opset, files, staging, parity, int8)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(staging, out, overwrite)
     finally:
@@ -249,11 +309,16 @@ def export_onnx(
     return ExportReport(out, files, parity, manifest)
 
 
-def _write_encoders(model: RetrievalModel, directory: Path, opset: int, precisions: Sequence[Precision]) -> None:
+def _write_encoders(model: RetrievalModel, directory: Path, opset: int, int8: Int8Scheme | None) -> dict[Tower, list[str]]:
+    """Export both towers (and quantise them with ``int8``); returns each int8 file's nodes left in fp32."""
+    fp32_nodes: dict[Tower, list[str]] = {}
     for tower in TOWERS:
-        _export_encoder(model, tower, directory / encoder_file(tower), opset)
-        if "int8" in precisions:
-            quantize_int8(directory / encoder_file(tower), directory / encoder_file(tower, "int8"))
+        source = directory / encoder_file(tower)
+        _export_encoder(model, tower, source, opset)
+        if int8 is not None:
+            fp32_nodes[tower] = nodes_of_weights(source, fp32_weights(model, tower, int8))
+            quantize_int8(source, directory / encoder_file(tower, "int8"), int8, fp32_nodes[tower])
+    return fp32_nodes
 
 
 @contextmanager
@@ -326,16 +391,58 @@ def exporter_name(opset: int) -> str:
     return "torch.onnx.export (dynamo)" if opset >= DYNAMO_MIN_OPSET else "torch.onnx.export (TorchScript)"
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """onnxruntime dynamic quantisation: int8 (QInt8) weights per output channel, activations quantised per call.
+def quantize_int8(source: Path, target: Path, scheme: Int8Scheme, fp32_nodes: Sequence[str] = ()) -> None:
+    """onnxruntime dynamic quantisation of ``source`` as ``scheme`` says, ``fp32_nodes`` left as they are.
 
-    Per-channel scales cost no speed and bring the text features closer to fp32 than one scale per
-    tensor (ViT-B/16 min cosine 0.99924 vs 0.99885). onnxruntime's advice to pre-process the model
-    first (``quant_pre_process``) is silenced: measured on ViT-B/16, it changed no feature and no
-    speed.
+    onnxruntime's advice to pre-process the model first (``quant_pre_process``) is silenced:
+    measured on ViT-B/16, it changed no feature and no speed.
     """
     with _quiet([""], logging.ERROR):
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(
+            source, target, weight_type=QuantType.QInt8, per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range, nodes_to_exclude=list(fp32_nodes),
+        )
+
+
+def fp32_weights(model: RetrievalModel, tower: Tower, scheme: Int8Scheme) -> list[torch.Tensor]:
+    """The weights whose matmuls ``scheme`` keeps in fp32: the tower's first blocks' and its projection."""
+    transformer, projection = (
+        (model.clip.visual.transformer, model.clip.visual.proj) if tower == "image" else (model.clip.transformer, model.clip.text_projection)
+    )
+    weights = [p for block in transformer.resblocks[: scheme.fp32_first_blocks] for p in block.parameters() if p.dim() == 2]
+    return weights + ([projection] if scheme.fp32_projections and projection is not None else [])
+
+
+def nodes_of_weights(path: Path, weights: Sequence[torch.Tensor]) -> list[str]:
+    """Names of the MatMul / Gemm / Conv nodes of ``path`` whose constant operand is one of ``weights``.
+
+    Matched by value (as stored or transposed, as ``nn.Linear`` exports), so it does not depend on
+    how an exporter names nodes. All-zero weights are skipped: int8 holds them exactly, and they
+    would match every other zero weight (an untrained adapter's up-projection).
+    """
+    wanted = set()
+    for weight in weights:
+        array = weight.detach().numpy()
+        if array.any():
+            wanted |= {_fingerprint(array), _fingerprint(array.T)}
+    graph = onnx.load(str(path)).graph
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    fingerprints: dict[str, tuple[tuple[int, ...], str]] = {}
+    names = []
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        for name in (name for name in node.input if name in constants):
+            if name not in fingerprints:
+                fingerprints[name] = _fingerprint(numpy_helper.to_array(constants[name]))
+            if fingerprints[name] in wanted:
+                names.append(node.name)
+                break
+    return names
+
+
+def _fingerprint(array: np.ndarray) -> tuple[tuple[int, ...], str]:
+    return array.shape, hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
 def example_inputs(model: RetrievalModel, tower: Tower, batch: int) -> torch.Tensor:
@@ -353,15 +460,46 @@ def random_inputs(model: RetrievalModel, count: int, seed: int = 0) -> tuple[tor
     The captions put EOT everywhere from position 1 to the last, so pooling is checked at every
     length, including the longest.
     """
+    return random_inputs_of_size(model.backbone_spec.image_size, model.backbone_spec.context_length, count, seed)
+
+
+def random_inputs_of_size(image_size: Sequence[int], context: int, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`random_inputs` for ``image_size`` (height, width) and ``context`` tokens, without the model."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(count, 3, *model.backbone_spec.image_size, generator=generator)
-    context = model.backbone_spec.context_length
+    images = torch.randn(count, 3, *image_size, generator=generator)
     token_ids = torch.zeros(count, context, dtype=torch.long)
     lengths = torch.linspace(0, context - 2, count).round().long()  # words per caption
     for row, length in enumerate(lengths.tolist()):
         words = torch.randint(0, MASK_TOKEN_ID, (length,), generator=generator)
         token_ids[row, : length + 2] = torch.cat([torch.tensor([SOT_TOKEN_ID]), words, torch.tensor([EOT_TOKEN_ID])])
     return images, token_ids
+
+
+def integer_matmul(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``uint8 [M, K] @ int8 [K, N] -> int32`` by onnxruntime's CPU kernel (MatMulInteger), as quantised graphs run it."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "integer_matmul",
+        [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, list(activations.shape))],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [activations.shape[0], weights.shape[1]])],
+        [numpy_helper.from_array(weights.astype(np.int8), "b")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"a": activations.astype(np.uint8)})[0]
+
+
+def u8s8_saturates(weight: int = 127) -> bool:
+    """Whether this CPU's uint8 x int8 kernel clips 255 * ``weight`` products, summed in pairs, to int16.
+
+    True on x86 CPUs without VNNI (``VPMADDUBSW``) for ``weight`` 127, so it tells which kernel
+    onnxruntime runs here, also where /proc/cpuinfo does not tell (under an emulator); never for
+    64, the most a 7-bit (``reduce_range``) weight reaches. The product is 16 x 64 @ 64 x 16, large
+    enough for onnxruntime's packed GEMM kernels.
+    """
+    activations = np.full((16, 64), 255, dtype=np.uint8)
+    weights = np.full((64, 16), weight, dtype=np.int8)
+    exact = activations.astype(np.int64) @ weights.astype(np.int64)
+    return not np.array_equal(integer_matmul(activations, weights), exact)
 
 
 def compare_features(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
@@ -397,14 +535,37 @@ def measure_parity(
     return results
 
 
-def _check_fp32_parity(parity: list[Parity]) -> None:
-    failed = [p for p in parity if p.candidate == "onnx fp32" and p.min_cosine < FP32_MIN_COSINE]
-    if failed:
-        worst = min(failed, key=lambda p: p.min_cosine)
+def check_parity(parity: Sequence[Parity]) -> None:
+    """Refuse fp32 files below ``FP32_MIN_COSINE`` to torch and int8 files below ``INT8_MIN_COSINE`` to fp32."""
+    fp32 = [p for p in parity if p.candidate == "onnx fp32" and p.min_cosine < FP32_MIN_COSINE]
+    if fp32:
+        worst = min(fp32, key=lambda p: p.min_cosine)
         raise ValueError(
             f"the exported {worst.tower} encoder disagrees with torch (min cosine {worst.min_cosine:.6f} < {FP32_MIN_COSINE}, "
             f"max abs diff {worst.max_abs_diff:.3g}); nothing was written. Try another --opset, and report it with -v"
         )
+    int8 = [p for p in parity if p.candidate == "onnx int8" and p.min_cosine < INT8_MIN_COSINE]
+    if int8:
+        worst = min(int8, key=lambda p: p.min_cosine)
+        raise ValueError(
+            f"the int8 {worst.tower} encoder is too far from fp32 (min cosine {worst.min_cosine:.5f} < {INT8_MIN_COSINE} on "
+            f"{worst.samples} {worst.inputs} inputs, max abs diff {worst.max_abs_diff:.3g}); nothing was written. "
+            "Export without --quantize, and report it with -v"
+        )
+
+
+def machine_description() -> dict[str, Any]:
+    """The CPU running this process: model name, visible cores, and which of ``INT8_CPU_FLAGS`` it has."""
+    flags = cpu_flags()
+    return {"cpu": _cpu_model_name(), "cores": os.cpu_count(), "int8_flags": {flag: flag in flags for flag in INT8_CPU_FLAGS}}
+
+
+def _cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
 
 
 def export_manifest(
@@ -414,9 +575,9 @@ def export_manifest(
     files: dict[str, str],
     directory: Path,
     parity: list[Parity],
-    quantize: Quantization | None,
+    quantization: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The contents of ``export.json``."""
+    """The contents of ``export.json``; ``quantization`` maps each quantised precision to its settings."""
     spec = model.backbone_spec
     height, width = spec.image_size
     context = spec.context_length
@@ -448,7 +609,7 @@ def export_manifest(
                     "dtype": "float32" if tower == "image" else "int64",
                 },
                 "outputs": {name: {"shape": ["N", spec.embed_dim], "dtype": "float32"} for name in OUTPUT_NAMES},
-                "files": {precision: encoder_file(tower, precision) for precision in ("fp32", quantize) if precision},
+                "files": {precision: encoder_file(tower, precision) for precision in ("fp32", *(quantization or {}))},
             }
             for tower in TOWERS
         },
@@ -457,15 +618,12 @@ def export_manifest(
             "normalized_features": "features / ||features||_2",
         },
         "similarity": "cosine: L2-normalise both sides (normalized_features) and rank gallery images by the dot product with a text query",
-        "quantization": (
-            {quantize: {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True, "activations": "uint8, quantised per call"}}
-            if quantize
-            else None
-        ),
+        "quantization": quantization,
         "files": {
             name: {"sha256": digest, "bytes": (directory / name).stat().st_size} for name, digest in files.items()
         },
         "parity": [dataclasses.asdict(item) for item in parity],
+        "parity_measured_on": {**machine_description(), "onnxruntime_version": onnxruntime.__version__, "u8s8_saturates": u8s8_saturates()},
     }
 
 
