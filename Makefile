@@ -21,7 +21,7 @@ AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCT
 NUMERICS_TESTS := tests/test_official.py tests/test_mlm.py tests/test_export.py tests/test_exact_shortcuts.py \
 	tests/test_metrics.py tests/test_petl.py tests/test_cskt.py tests/test_variants.py tests/test_wora.py tests/test_losses.py
 
-.PHONY: run test test-avx2 test-all bench gpu-check clean
+.PHONY: run test test-avx2 test-all bench gpu-check docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-avx2: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the documentation site from docs/ (mkdocs-material) into site/
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
@@ -51,4 +55,4 @@ gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(BIN)/python) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache
