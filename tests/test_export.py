@@ -21,6 +21,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +263,48 @@ def test_refuses_an_int8_export_below_the_bound(tmp_path: Path, monkeypatch: pyt
     assert list(tmp_path.iterdir()) == []
 
 
+def test_refuses_an_int8_export_measured_below_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16 row 19: the refusal gives the numbers measured here and the CPU (and kernel) that measured them."""
+    measure = export_module.measure_parity
+
+    def low_text_int8(*args, **kwargs):
+        return [
+            dataclasses.replace(item, min_cosine=0.98) if (item.tower, item.candidate) == ("text", "onnx int8") else item
+            for item in measure(*args, **kwargs)
+        ]
+
+    monkeypatch.setattr(export_module, "measure_parity", low_text_int8)
+    model = upperson.create_model("zero-shot", backbone="tiny", image_size=SMALL_IMAGE).eval()
+    with pytest.raises(ValueError, match=r"int8 text encoder is too far from fp32 \(min cosine 0\.98000 < 0\.995 on 4 random inputs") as error:
+        export_onnx(model, tmp_path / "out", quantize="int8")
+    message = str(error.value)
+    kernel = "no VNNI (u8s8 pairs summed in int16)" if u8s8_saturates() else "VNNI or exact u8s8"
+    assert "\n" not in message and "nothing was written" in message
+    assert f"measured on this CPU ({export_module._cpu_model_name()}, int8 kernel: {kernel})" in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_json_carries_the_parity_measured_on_this_cpu(exported) -> None:
+    """Issue 16 row 19: export.json's parity is what this machine measured, beside this machine's CPU and int8 flags."""
+    model, out, _, _ = exported
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    images, token_ids = random_inputs(model, export_module.PARITY_SAMPLES)
+    runtimes = {"fp32": OnnxEncoders.load(out), "int8": OnnxEncoders.load(out, "int8")}
+    remeasured = measure_parity(model, runtimes, images, token_ids, inputs="random")
+    recorded = {(item["tower"], item["candidate"]): item for item in manifest["parity"]}
+    assert len(recorded) == len(remeasured) == 4
+    for item in remeasured:
+        entry = recorded[item.tower, item.candidate]
+        assert entry["samples"] == export_module.PARITY_SAMPLES and entry["inputs"] == "random" and entry["reference"] == item.reference
+        assert entry["min_cosine"] == pytest.approx(item.min_cosine, abs=1e-7) and entry["max_abs_diff"] == pytest.approx(item.max_abs_diff, abs=1e-5)
+        bound = FP32_MIN_COSINE if item.candidate == "onnx fp32" else INT8_MIN_COSINE
+        assert entry["min_cosine"] >= bound
+    machine = manifest["parity_measured_on"]
+    assert machine["cpu"] == export_module._cpu_model_name() and machine["cores"] == os.cpu_count()
+    assert machine["int8_flags"] == {flag: flag in cpu_flags() for flag in export_module.INT8_CPU_FLAGS}
+    assert machine["u8s8_saturates"] == u8s8_saturates()
+
+
 def test_export_json_fields(exported) -> None:
     model, out, adapter, _ = exported
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -320,7 +364,7 @@ def test_refuses_a_non_empty_out_and_foreign_files_even_with_overwrite(tmp_path:
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty.*--overwrite"):
         export_onnx(model, out)
-    with pytest.raises(ValueError, match="also holds notes.txt"):
+    with pytest.raises(ValueError, match=f"{out} has no {MANIFEST_FILE}"):
         export_onnx(model, out, overwrite=True)
     with pytest.raises(ValueError, match="is a file"):
         export_onnx(model, out / "notes.txt")
@@ -361,17 +405,130 @@ def test_cli_prints_files_and_parity(exported) -> None:
     assert all(float(row[-1]) >= FP32_MIN_COSINE for row in rows if row[2] == "fp32")
 
 
-def test_cli_refuses_a_previous_export_unless_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_a_previous_export_unless_overwrite(exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--overwrite replaces an earlier export (here one with int8 files) by the new one, and leaves nothing aside."""
     config, adapter = _save_run(tmp_path / "run")
-    out = tmp_path / "onnx"
-    out.mkdir()
-    (out / "image_encoder.int8.onnx").write_bytes(b"an earlier export's file")
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
     argv = ["export", "--config", str(config), "--adapter", str(adapter), "--out", str(out)]
     assert main(argv) == 1
     assert "not empty" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
     assert sorted(path.name for path in out.iterdir()) == sorted([MANIFEST_FILE, "image_encoder.onnx", "text_encoder.onnx"])
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging or retired dir left
+
+
+def _cli_export(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    """``upperson export`` argv of a tiny run saved (once) in ``tmp_path/run``."""
+    run = tmp_path / "run"
+    config, adapter = (run / "config.yaml", run / "best.safetensors") if run.is_dir() else _save_run(run)
+    return ["export", "--config", str(config), "--adapter", str(adapter), "--out", str(out), *extra]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (links not followed) → its kind and, for files, sha256."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file"
+        tree[str(path.relative_to(root))] = f"{kind} {os.readlink(path) if kind == 'link' else file_sha256(path) if kind == 'file' else ''}"
+    return tree
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_overwrite_never_deletes_a_folder_named_like_an_export_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16 row 13: a user folder ``export.json/`` holding ``photo.txt`` was deleted by --overwrite."""
+    out = tmp_path / "onnx"
+    (out / MANIFEST_FILE).mkdir(parents=True)
+    (out / MANIFEST_FILE / "photo.txt").write_text("mine")
+    before = _tree(out)
+    assert main(_cli_export(tmp_path, out, "--overwrite")) == 1
+    err = _one_line_error(capsys)
+    assert str(out / MANIFEST_FILE) in err and "directory" in err and "move it away" in err
+    assert _tree(out) == before and sorted(path.name for path in tmp_path.iterdir()) == ["onnx", "run"]
+
+
+def test_overwrite_never_replaces_a_users_own_export_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16 row 13: a user's own ``export.json`` (not an upperson manifest) was replaced."""
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / MANIFEST_FILE).write_text('{"camera": "front door"}\n')
+    (out / "image_encoder.onnx").write_bytes(b"the user's own model")
+    assert main(_cli_export(tmp_path, out, "--overwrite")) == 1
+    err = _one_line_error(capsys)
+    assert str(out / MANIFEST_FILE) in err and "not an upperson ONNX export manifest" in err
+    assert (out / MANIFEST_FILE).read_text() == '{"camera": "front door"}\n' and (out / "image_encoder.onnx").read_bytes() == b"the user's own model"
+    (out / MANIFEST_FILE).unlink()  # export-named files without any manifest are not an export either
+    assert main(_cli_export(tmp_path, out, "--overwrite")) == 1
+    assert f"no {MANIFEST_FILE}" in _one_line_error(capsys) and (out / "image_encoder.onnx").exists()
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+
+
+def test_overwrite_replaces_only_what_the_manifest_names(exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An earlier export plus an export-named file its manifest does not list, or a listed one that is a link or folder: refused."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    del manifest["files"][encoder_file("text", "int8")]
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert main(_cli_export(tmp_path, out, "--overwrite")) == 1
+    err = _one_line_error(capsys)
+    assert encoder_file("text", "int8") in err and f"{MANIFEST_FILE} does not name" in err
+    shutil.rmtree(out)
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    outside = tmp_path / "precious.onnx"
+    outside.write_bytes(b"outside the export")
+    (out / encoder_file("image", "int8")).unlink()
+    (out / encoder_file("image", "int8")).symlink_to(outside)
+    (out / encoder_file("text", "int8")).unlink()
+    (out / encoder_file("text", "int8")).mkdir()
+    (out / encoder_file("text", "int8") / "photo.txt").write_text("mine")
+    before = _tree(out)
+    assert main(_cli_export(tmp_path, out, "--overwrite")) == 1
+    err = _one_line_error(capsys)
+    assert str(out / encoder_file("image", "int8")) in err and "symbolic link" in err
+    assert _tree(out) == before and outside.read_bytes() == b"outside the export"
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+
+
+def test_publish_keeps_what_appeared_during_the_export(exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file added to --out after the last check is not deleted with the earlier export: it is kept aside, and logged."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    replaceable = export_module.check_export_dir(out, overwrite=True)
+    (out / "notes.txt").write_text("written during the export")
+    monkeypatch.setattr(export_module, "check_export_dir", lambda out, overwrite: replaceable)
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    (staging / MANIFEST_FILE).write_text("{}")
+    export_module._publish(staging, out, overwrite=True)
+    assert [path.name for path in out.iterdir()] == [MANIFEST_FILE]
+    (kept,) = (path for path in tmp_path.iterdir() if ".replaced-" in path.name)
+    assert [path.name for path in kept.iterdir()] == ["notes.txt"]
+
+
+def test_refuses_a_symlinked_out_before_writing_anything(exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16 row 14: --out a link to an earlier export, --overwrite: written, then a crash and the link left renamed."""
+    target = shutil.copytree(exported[1], tmp_path / "earlier")
+    link = tmp_path / "onnx"
+    link.symlink_to(target, target_is_directory=True)
+    before = _tree(tmp_path)
+    for extra in (["--overwrite"], []):
+        assert main(_cli_export(tmp_path, link, *extra)) == 1
+        err = _one_line_error(capsys)
+        assert str(link) in err and "symbolic link" in err and str(target) in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "to-empty").symlink_to(empty, target_is_directory=True)
+    model = upperson.create_model("zero-shot", backbone="tiny", image_size=SMALL_IMAGE).eval()
+    with pytest.raises(ValueError, match="symbolic link"):
+        export_onnx(model, tmp_path / "to-empty")
+    after = _tree(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith(("run", "empty", "to-empty"))} == {
+        k: v for k, v in before.items() if not k.startswith("run")
+    }
+    assert list(empty.iterdir()) == [] and not any(name.startswith(".") for name in after)
 
 
 def test_cskt_exports_with_its_inserted_tokens(tmp_path: Path) -> None:

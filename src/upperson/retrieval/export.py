@@ -23,9 +23,10 @@ through torch's dynamo exporter (``torch.export``), opsets 14-17 through the Tor
 both export ``scaled_dot_product_attention`` with the S-Prefix and CSKT's inserted tokens as they
 are. Everything is written into a temporary sibling directory that is renamed into place at the
 end, so an interrupted or refused export (fp32 below ``FP32_MIN_COSINE`` to torch, int8 below
-``INT8_MIN_COSINE`` to fp32) leaves no half-written directory behind; an existing non-empty
-directory is replaced only with ``overwrite`` and only if it holds nothing but an earlier export's
-files.
+``INT8_MIN_COSINE`` to fp32) leaves no half-written directory behind. An existing non-empty
+directory is replaced only with ``overwrite`` and only if it is an earlier export: a valid
+``export.json`` and nothing but the regular files it names (never a folder or a link, whatever its
+name); only those files are deleted. ``out_dir`` itself must not be a symbolic link.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -61,6 +63,8 @@ from upperson.retrieval.gallery import file_sha256
 from upperson.runtime import cpu_flags
 from upperson.tokenizer import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, tokenizer_settings
 from upperson.version import __version__
+
+logger = logging.getLogger(__name__)
 
 Tower = Literal["image", "text"]
 Precision = Literal["fp32", "int8"]
@@ -95,7 +99,7 @@ def encoder_file(tower: Tower, precision: Precision = "fp32") -> str:
 
 
 EXPORT_FILES = frozenset({MANIFEST_FILE} | {encoder_file(tower, p) for tower in TOWERS for p in ("fp32", "int8")})
-"""Everything an export directory holds; ``overwrite`` replaces only directories holding nothing else."""
+"""Every file name an export writes; a manifest naming any other file is not trusted by ``overwrite``."""
 
 
 @dataclass(frozen=True)
@@ -335,23 +339,67 @@ def _quiet(names: Sequence[str], level: int = logging.WARNING) -> Iterator[None]
             logger.setLevel(old)
 
 
-def check_export_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that is a file, or a non-empty directory unless ``overwrite`` and it holds only an export."""
+def check_export_dir(out: Path, overwrite: bool) -> list[str]:
+    """Refuse an ``out`` the export may not write; returns the earlier export's files ``overwrite`` replaces.
+
+    ``out`` must be new, an empty directory, or (with ``overwrite``) an earlier export as
+    :func:`earlier_export_files` checks it; a symbolic link is refused whatever it points to, so
+    nothing is ever written or removed through one.
+    """
+    if out.is_symlink():
+        raise ValueError(
+            f"--out {out} is a symbolic link (to {os.readlink(out)}); export does not write through links: "
+            f"give the directory itself (--out {out.resolve()}) or a new one"
+        )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a new or empty directory")
     if not out.is_dir():
-        return
+        return []
     entries = sorted(entry.name for entry in out.iterdir())
     if not entries:
-        return
+        return []
     if not overwrite:
         raise ValueError(f"--out {out} is not empty ({', '.join(entries[:5])}); pass --overwrite to replace an earlier export, or give a new or empty directory")
-    foreign = [name for name in entries if name not in EXPORT_FILES]
+    replaceable = earlier_export_files(out)
+    foreign = [name for name in entries if name not in replaceable]
     if foreign:
         raise ValueError(
-            f"--overwrite replaces only an earlier export, but {out} also holds {', '.join(foreign[:5])}"
-            f"{' ...' if len(foreign) > 5 else ''}; give a new or empty directory"
+            f"--overwrite replaces only the files an earlier export's {MANIFEST_FILE} names, but {MANIFEST_FILE} does not name "
+            f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} in {out}; move them away or give a new or empty directory"
         )
+    return replaceable
+
+
+def earlier_export_files(out: Path) -> list[str]:
+    """``export.json`` and the files it names, if ``out`` holds an earlier export that ``overwrite`` may replace.
+
+    The manifest must be a regular file that :func:`read_manifest` accepts, and every file it names
+    an export file name (``EXPORT_FILES``) that is a regular file or absent: a folder or a symbolic
+    link is refused whatever its name, so nothing outside the export is ever followed or deleted.
+    """
+    manifest_path = out / MANIFEST_FILE
+    advice = "move it away or give a new or empty directory"
+    if not manifest_path.exists() and not manifest_path.is_symlink():
+        raise ValueError(f"--overwrite replaces only an earlier export, but {out} has no {MANIFEST_FILE}; move its files away or give a new or empty directory")
+    _refuse_unless_regular_file(manifest_path, advice)
+    try:
+        files = read_manifest(out).get("files")
+    except (OSError, ValueError) as error:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise ValueError(f"--overwrite replaces only an earlier export, but {manifest_path} is not an upperson ONNX export manifest ({error}); {advice}") from error
+    if not isinstance(files, dict) or not set(files) <= EXPORT_FILES - {MANIFEST_FILE}:
+        raise ValueError(f"--overwrite: {manifest_path} names files no export writes ({files!r:.80}); {advice}")
+    named = sorted(name for name in files if (out / name).exists() or (out / name).is_symlink())
+    for name in named:
+        _refuse_unless_regular_file(out / name, advice)
+    return [MANIFEST_FILE, *named]
+
+
+def _refuse_unless_regular_file(path: Path, advice: str) -> None:
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode):
+        return
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    raise ValueError(f"--overwrite replaces only an earlier export's files, but {path} is {kind}; {advice}")
 
 
 def _check_exportable(model: RetrievalModel) -> None:
@@ -549,9 +597,15 @@ def check_parity(parity: Sequence[Parity]) -> None:
         worst = min(int8, key=lambda p: p.min_cosine)
         raise ValueError(
             f"the int8 {worst.tower} encoder is too far from fp32 (min cosine {worst.min_cosine:.5f} < {INT8_MIN_COSINE} on "
-            f"{worst.samples} {worst.inputs} inputs, max abs diff {worst.max_abs_diff:.3g}); nothing was written. "
-            "Export without --quantize, and report it with -v"
+            f"{worst.samples} {worst.inputs} inputs, max abs diff {worst.max_abs_diff:.3g}, measured on this CPU ({int8_kernel()})); "
+            "nothing was written. Export without --quantize, and report it with -v"
         )
+
+
+def int8_kernel() -> str:
+    """This CPU and the kind of uint8 x int8 kernel onnxruntime runs on it, as one phrase."""
+    kernel = "no VNNI (u8s8 pairs summed in int16)" if u8s8_saturates() else "VNNI or exact u8s8"
+    return f"{_cpu_model_name()}, int8 kernel: {kernel}"
 
 
 def machine_description() -> dict[str, Any]:
@@ -639,14 +693,25 @@ def read_manifest(export_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _publish(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``staging`` directory to ``out``; an earlier export there is moved aside, then removed."""
-    check_export_dir(out, overwrite)  # again: the directory may have changed during the export
-    if out.is_dir() and any(out.iterdir()):
-        retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
-        os.rename(out, retired)
+    """Rename the finished ``staging`` directory to ``out``; an earlier export there is moved aside, then its files removed.
+
+    Only the files :func:`check_export_dir` found replaceable are deleted; anything that appeared in
+    ``out`` since is kept in the moved-aside directory, which is then left in place and logged.
+    """
+    replaceable = check_export_dir(out, overwrite)  # again: the directory may have changed during the export
+    if not replaceable:
+        if out.is_dir():
+            out.rmdir()  # empty: os.rename onto a directory is not portable
         os.rename(staging, out)
-        shutil.rmtree(retired)
         return
-    if out.is_dir():
-        out.rmdir()  # empty: os.rename onto a directory is not portable
+    retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
+    os.rename(out, retired)
     os.rename(staging, out)
+    for name in replaceable:
+        path = retired / name
+        if path.is_symlink() or path.is_file():  # unlink removes a link itself, never what it points to
+            path.unlink()
+    try:
+        retired.rmdir()
+    except OSError:
+        logger.warning("%s held files that appeared during the export; they were kept in %s", out, retired)
