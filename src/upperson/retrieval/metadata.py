@@ -70,16 +70,25 @@ class MetadataError(ValueError):
 # ---------------------------------------------------------------------------------------------- names
 
 
+def show_value(value: Any) -> str:
+    """A short, escaped JSON rendering of a user value for messages (at most 60 characters)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_field_name(name: object, where: str = "metadata") -> str:
     """Return ``name`` if it can be a metadata field, else raise :class:`MetadataError` saying why."""
     if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
-        raise MetadataError(f"{where}: field name {json.dumps(name)} is not allowed; "
+        raise MetadataError(f"{where}: field name {show_value(name)} is not allowed; "
                             "use 1-64 letters, digits and _, not starting with a digit")
     if name.lower() in RESERVED_NAMES:
-        raise MetadataError(f"{where}: field name {json.dumps(name)} is reserved "
+        raise MetadataError(f"{where}: field name {show_value(name)} is reserved "
                             f"({', '.join(sorted(RESERVED_NAMES))}); rename the column")
     if name.lower() in EXPRESSION_WORDS:
-        raise MetadataError(f"{where}: field name {json.dumps(name)} is a filter-expression word; rename the column")
+        raise MetadataError(f"{where}: field name {show_value(name)} is a filter-expression word; rename the column")
     return name
 
 
@@ -91,18 +100,18 @@ def check_relative_path(path: object, where: str) -> str:
             part, or one holding NUL or other control characters.
     """
     if not isinstance(path, str) or not path:
-        raise MetadataError(f"{where}: path must be a non-empty string, got {json.dumps(path)}")
+        raise MetadataError(f"{where}: path must be a non-empty string, got {show_value(path)}")
     if _CONTROL.search(path):
-        raise MetadataError(f"{where}: path {json.dumps(path)} holds a control character")
+        raise MetadataError(f"{where}: path {show_value(path)} holds a control character")
     if path.startswith("/") or re.match(r"[A-Za-z]:", path):
-        raise MetadataError(f"{where}: path {json.dumps(path)} is absolute; give it relative to the images folder")
+        raise MetadataError(f"{where}: path {show_value(path)} is absolute; give it relative to the images folder")
     if "\\" in path:
-        raise MetadataError(f"{where}: path {json.dumps(path)} holds a backslash; use / between folders")
+        raise MetadataError(f"{where}: path {show_value(path)} holds a backslash; use / between folders")
     parts = [part for part in path.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise MetadataError(f"{where}: path {json.dumps(path)} leaves the images folder (..)")
+        raise MetadataError(f"{where}: path {show_value(path)} leaves the images folder (..)")
     if not parts:
-        raise MetadataError(f"{where}: path {json.dumps(path)} names no file")
+        raise MetadataError(f"{where}: path {show_value(path)} names no file")
     return "/".join(parts)
 
 
@@ -121,7 +130,7 @@ def resolve_timezone(timezone: str | dt.tzinfo | None) -> dt.tzinfo | None:
     try:
         return zoneinfo.ZoneInfo(timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise MetadataError(f"unknown time zone {json.dumps(timezone)}; give UTC, an offset such as +02:00 "
+        raise MetadataError(f"unknown time zone {show_value(timezone)}; give UTC, an offset such as +02:00 "
                             "or an IANA name such as Europe/Berlin") from exc
 
 
@@ -150,7 +159,7 @@ def parse_timestamp(text: str, timezone: str | dt.tzinfo | None = None) -> int:
     """
     match = _TIMESTAMP.fullmatch(text.strip())
     if not match:
-        raise ValueError(f"{json.dumps(text)} is not an ISO 8601 date and time such as 2026-12-01T14:00:00Z")
+        raise ValueError(f"{show_value(text)} is not an ISO 8601 date and time such as 2026-12-01T14:00:00Z")
     zone = match["zone"]
     if zone in ("Z", "z"):
         tzinfo: dt.tzinfo | None = dt.timezone.utc
@@ -159,14 +168,14 @@ def parse_timestamp(text: str, timezone: str | dt.tzinfo | None = None) -> int:
     else:
         tzinfo = resolve_timezone(timezone)
         if tzinfo is None:
-            raise ValueError(f"{json.dumps(text)} has no UTC offset; add Z or an offset such as +01:00, "
+            raise ValueError(f"{show_value(text)} has no UTC offset; add Z or an offset such as +01:00, "
                              "or give a default time zone")
     fraction = (match["fraction"] or "")[:6].ljust(6, "0")
     try:
         moment = dt.datetime(int(match["year"]), int(match["month"]), int(match["day"]), int(match["hour"]),
                              int(match["minute"]), int(match["second"] or 0), int(fraction), tzinfo=tzinfo)
     except ValueError as exc:
-        raise ValueError(f"{json.dumps(text)} is not a valid date and time ({exc})") from exc
+        raise ValueError(f"{show_value(text)} is not a valid date and time ({exc})") from exc
     delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
@@ -197,14 +206,14 @@ class MetadataSchema:
         seen: set[str] = set()
         for entry in self.fields:
             if not (isinstance(entry, tuple) and len(entry) == 2):
-                raise MetadataError(f"metadata schema: a field is a (name, type) pair, got {entry!r}")
+                raise MetadataError(f"metadata schema: a field is a (name, type) pair, got {entry!r:.60}")
             name, kind = entry
             check_field_name(name, "metadata schema")
             if kind not in FIELD_TYPES:
-                raise MetadataError(f"metadata schema: field {name!r} has unknown type {json.dumps(kind)}; "
+                raise MetadataError(f"metadata schema: field {show_value(name)} has unknown type {show_value(kind)}; "
                                     f"use one of {', '.join(FIELD_TYPES)}")
             if name.lower() in seen:
-                raise MetadataError(f"metadata schema: field {name!r} appears twice (names are compared case-insensitively)")
+                raise MetadataError(f"metadata schema: field {show_value(name)} appears twice (names are compared case-insensitively)")
             seen.add(name.lower())
 
     @classmethod
@@ -243,14 +252,14 @@ class MetadataSchema:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise MetadataError(f"{where}: expected an object with keys {sorted(expected)}, got {keys}")
         if obj["format"] != SCHEMA_FORMAT or obj["version"] != SCHEMA_FORMAT_VERSION:
-            raise MetadataError(f"{where}: format {obj['format']!r} version {obj['version']!r} is not "
-                                f"{SCHEMA_FORMAT!r} version {SCHEMA_FORMAT_VERSION}")
+            raise MetadataError(f"{where}: format {show_value(obj['format'])} version {show_value(obj['version'])} is not "
+                                f"{show_value(SCHEMA_FORMAT)} version {SCHEMA_FORMAT_VERSION}")
         if not isinstance(obj["fields"], list):
             raise MetadataError(f"{where}: fields must be a list")
         fields = []
         for entry in obj["fields"]:
             if not isinstance(entry, dict) or set(entry) != {"name", "type"}:
-                raise MetadataError(f"{where}: each field is {{\"name\", \"type\"}}, got {json.dumps(entry)}")
+                raise MetadataError(f"{where}: each field is {{\"name\", \"type\"}}, got {show_value(entry)}")
             fields.append((entry["name"], entry["type"]))
         try:
             return cls(tuple(fields))
@@ -335,7 +344,7 @@ class MetadataTable:
                       and column.valid.dtype == np.bool_ and column.values.ndim == column.valid.ndim == 1
                       and len(column.valid) == len(column.values))
             if not ok or len(column) != self.num_rows:
-                raise MetadataError(f"metadata column {name!r} is not a valid {kind} column of {self.num_rows} rows")
+                raise MetadataError(f"metadata column {show_value(name)} is not a valid {kind} column of {self.num_rows} rows")
 
     def __len__(self) -> int:
         return self.num_rows
@@ -394,7 +403,7 @@ class MetadataTable:
             if kind == "string":
                 vocabulary = tuple(vocabularies[name])
                 if not all(isinstance(v, str) for v in vocabulary) or len(set(vocabulary)) != len(vocabulary):
-                    raise MetadataError(f"metadata vocabulary {name!r} must be distinct strings")
+                    raise MetadataError(f"metadata vocabulary {show_value(name)} must be distinct strings")
                 columns[name] = StringColumn(np.asarray(arrays[f"{name}.codes"]), vocabulary)
             else:
                 columns[name] = NumericColumn(np.asarray(arrays[f"{name}.values"]), np.asarray(arrays[f"{name}.valid"]))
@@ -473,7 +482,7 @@ def read_metadata(path: str | Path, *, declared: Mapping[str, FieldType] | None 
     source = Path(path)
     kind = METADATA_SUFFIXES.get(source.suffix.lower())
     if kind is None:
-        raise MetadataError(f"{source}: metadata must be .csv, .jsonl or .ndjson, not {source.suffix or 'no suffix'!r}")
+        raise MetadataError(f"{source}: metadata must be .csv, .jsonl or .ndjson, not {show_value(source.suffix) if source.suffix else 'a name without one'}")
     zone = resolve_timezone(timezone)
     records = _csv_records(source) if kind == "csv" else _jsonl_records(source)
     return _build(source, records, dict(declared or {}), zone, kind)
@@ -549,7 +558,7 @@ def _check_header(source: Path, names: list[str], line: int) -> None:
             seen[name] = name
             continue
         if name.lower() in seen:
-            raise MetadataError(f"{source}, line {line}: column {json.dumps(name)} appears twice")
+            raise MetadataError(f"{source}, line {line}: column {show_value(name)} appears twice")
         check_field_name(name, f"{source}, line {line}")
         seen[name.lower()] = name
 
@@ -562,7 +571,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"key {json.dumps(key)} appears twice")
+            raise ValueError(f"key {show_value(key)} appears twice")
         out[key] = value
     return out
 
@@ -583,14 +592,14 @@ def _jsonl_records(source: Path) -> Iterator[tuple[int, dict[str, Raw]]]:
                     raise MetadataError(f"{source}, line {line}: expected a JSON object with a \"path\", got {text.strip()[:40]}")
                 for key, value in obj.items():
                     if seen.get(key.lower(), key) != key:
-                        raise MetadataError(f"{source}, line {line}: field {json.dumps(key)} differs only in case "
-                                            f"from {json.dumps(seen[key.lower()])}")
+                        raise MetadataError(f"{source}, line {line}: field {show_value(key)} differs only in case "
+                                            f"from {show_value(seen[key.lower()])}")
                     if key.lower() not in seen:
                         check_field_name(key, f"{source}, line {line}")
                         seen[key.lower()] = key
                     if value is not None and not isinstance(value, str):
                         kind = {bool: "true/false", dict: "an object", list: "an array"}[type(value)]
-                        raise MetadataError(f"{source}, line {line}, field {key!r}: {kind} is not a metadata value; "
+                        raise MetadataError(f"{source}, line {line}, field {show_value(key)}: {kind} is not a metadata value; "
                                             "use a number, a string or null")
                 yield line, {key: (value if value != "" else None) for key, value in obj.items()}
     except UnicodeDecodeError as exc:
@@ -622,17 +631,17 @@ def _build(source: Path, records: Iterable[tuple[int, dict[str, Raw]]], declared
         if name == PATH_FIELD:
             raise MetadataError(f"{source}: 'path' is the image path, not a field to declare")
         if field_type not in FIELD_TYPES:
-            raise MetadataError(f"{source}: declared type {json.dumps(field_type)} of field {name!r} is not one of "
+            raise MetadataError(f"{source}: declared type {show_value(field_type)} of field {show_value(name)} is not one of "
                                 f"{', '.join(FIELD_TYPES)}")
         if name not in raw:
-            hint = f" (the file has {names[name.lower()]!r})" if name.lower() in names else ""
-            raise MetadataError(f"{source}: declared field {name!r} is not in the file{hint}")
+            hint = f" (the file has {show_value(names[name.lower()])})" if name.lower() in names else ""
+            raise MetadataError(f"{source}: declared field {show_value(name)} is not in the file{hint}")
     fields: dict[str, FieldType] = {}
     columns: dict[str, Column] = {}
     for name, values in raw.items():
         fields[name] = declared.get(name) or _infer(values, kind == "jsonl")
         columns[name] = _convert(values, fields[name], zone, kind == "jsonl",
-                                 lambda row: f"{source}, line {lines[row]}, field {name!r}")
+                                 lambda row: f"{source}, line {lines[row]}, field {show_value(name)}")
     table = MetadataTable(MetadataSchema.of(fields), columns, len(paths))
     return GalleryMetadata(tuple(paths), table, tuple(lines), str(source))
 
@@ -643,7 +652,7 @@ def _check_distinct(paths: Sequence[str], lines: Sequence[int | None], where: st
         if path in first:
             earlier = first[path]
             at = f"lines {lines[earlier]} and {lines[row]}" if lines[row] is not None else f"rows {earlier} and {row}"
-            raise MetadataError(f"{where}: path {json.dumps(path)} appears twice ({at}); give one row per image")
+            raise MetadataError(f"{where}: path {show_value(path)} appears twice ({at}); give one row per image")
         first[path] = row
 
 
@@ -691,7 +700,7 @@ def _scalar(value: str, kind: FieldType, zone: dt.tzinfo | None, typed_json: boo
     In JSON Lines numbers must be JSON numbers and timestamps JSON strings; in CSV every cell is text.
     """
     number = isinstance(value, _JsonNumber)
-    shown = str(value) if number else json.dumps(value, ensure_ascii=False)
+    shown = str(value)[:60] if number else show_value(value)
     if kind == "timestamp":
         if number:
             raise ValueError(f"expected an ISO 8601 date and time (a string), got the number {shown}")
@@ -730,5 +739,5 @@ __all__ = [
     "FIELD_TYPES", "RESERVED_NAMES", "AlignedMetadata", "Column", "FieldType", "GalleryMetadata", "MetadataError",
     "MetadataSchema", "MetadataTable", "NumericColumn", "StringColumn", "UnmatchedRow", "check_field_name",
     "check_relative_path", "format_timestamp", "from_market1501", "parse_timestamp", "read_metadata",
-    "resolve_timezone",
+    "resolve_timezone", "show_value",
 ]
