@@ -78,7 +78,7 @@ class Condition:
             raise FilterError(f"filter field {show_value(self.field)}: a list holds 1 to {MAX_IN_VALUES} values")
         for value in values:
             if not _is_internal(value, self.type):
-                raise FilterError(f"filter field {show_value(self.field)}: {show_value(value)} is not a {self.type} value")
+                raise FilterError(f"filter field {show_value(self.field)}: {show_value(value)} is not {_a(self.type)} value")
 
     @property
     def values(self) -> tuple[Value, ...]:
@@ -89,8 +89,8 @@ class Condition:
         """``bool`` per row of ``table``: whether the row's value passes (null never does)."""
         if self.field not in table.schema or table.schema.type_of(self.field) != self.type:
             have = table.schema.as_dict().get(self.field)
-            raise FilterError(f"filter field {show_value(self.field)}: the filter is for a {self.type} field but the metadata "
-                              f"{'has no such field' if have is None else f'holds a {have} field'}; "
+            raise FilterError(f"filter field {show_value(self.field)}: the filter is for {_a(self.type)} field but the "
+                              f"metadata {'has no such field' if have is None else f'holds {_a(have)} field'}; "
                               "parse the filter against this gallery's schema")
         column = table.columns[self.field]
         if not isinstance(column, NumericColumn):
@@ -109,6 +109,10 @@ class Condition:
         shown = [_render(value, self.type) for value in self.values]
         text = f"[{', '.join(shown)}]" if self.op == "in" else shown[0]
         return f"{self.field} {_SYMBOLS[self.op]} {text}"
+
+
+def _a(kind: FieldType) -> str:
+    return f"an {kind}" if kind == "int" else f"a {kind}"
 
 
 def _is_internal(value: Any, kind: FieldType) -> bool:
