@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import shutil
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,7 @@ def test_scenarios_health_and_docs(client: TestClient) -> None:
     assert listed[0]["images"] == 12 and listed[0]["method"] == "up-person" and listed[0]["backbone"] == "tiny"
     assert listed[0]["adapter"] == "best.safetensors" and len(listed[0]["adapter_sha256"]) == 64
     assert client.get("/api/health").json() == {"status": "ok", "version": upperson.__version__, "scenarios": 2, "models": 1}
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404  # their UIs load a CDN
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/search", "/api/search/image", "/api/scenarios", "/api/images/{scenario}/{row}/thumbnail"} <= set(paths)
     assert set(paths["/api/search/image"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
@@ -449,7 +450,7 @@ def test_reload_serves_the_rebuilt_index_and_keeps_the_old_one_on_errors(tmp_pat
 
 
 def test_reload_onto_another_adapter_drops_the_unused_model(tmp_path: Path, served: Served) -> None:
-    index = tmp_path / "index"
+    index = served.root / f"index-{tmp_path.name}"  # beside the gallery: an index is read from the folder holding it
     shutil.copytree(served.index_a, index)
     scenarios = Scenarios([ScenarioSpec("s", index)])
     client = TestClient(create_app(scenarios))
@@ -507,10 +508,12 @@ def test_cli_serve_builds_the_app_and_hands_it_to_uvicorn(
     monkeypatch.setenv("UPPERSON_TOKEN", TOKEN)
     config = tmp_path / "serve.yaml"
     config.write_text(f"- name: b\n  index: {served.index_b}\n")
-    argv = ["serve", "--scenario", f"a={served.index_a}", "--config", str(config), "--port", "8123", "--device", "cpu"]
+    port = _free_port()
+    argv = ["serve", "--scenario", f"a={served.index_a}", "--config", str(config), "--port", str(port), "--device", "cpu"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "2 scenario(s) on 1 model(s), 1 backbone(s)" in printed and "http://127.0.0.1:8123/" in printed and "token required" in printed
+    assert "2 scenario(s) on 1 model(s), 1 backbone(s)" in printed and f"http://127.0.0.1:{port}/" in printed and "token required" in printed
+    assert started["port"] == port and f"http://127.0.0.1:{port}/openapi.json" in printed
     client = TestClient(started["app"])
     assert client.get("/api/scenarios").status_code == 401
     assert client.get("/api/scenarios", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
@@ -518,7 +521,7 @@ def test_cli_serve_builds_the_app_and_hands_it_to_uvicorn(
 
     monkeypatch.delenv("UPPERSON_TOKEN")
     with caplog.at_level(logging.WARNING, logger="upperson.retrieval.serve"):
-        assert main(["serve", "--scenario", f"a={served.index_a}", "--host", "0.0.0.0", "--device", "cpu"]) == 0
+        assert main(["serve", "--scenario", f"a={served.index_a}", "--host", "0.0.0.0", "--port", str(_free_port()), "--device", "cpu"]) == 0
     assert "reachable from other machines" in caplog.text and "no --token" in caplog.text
     assert TestClient(started["app"]).get("/api/scenarios").status_code == 200
 
@@ -527,6 +530,12 @@ def test_cli_serve_builds_the_app_and_hands_it_to_uvicorn(
     assert main(["serve", "--scenario", f"a={tmp_path / 'none'}"]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "upperson serve: error: scenario 'a'" in error and "does not exist" in error
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_is_loopback() -> None:

@@ -158,3 +158,38 @@ def test_page_searches_like_the_api(base_url: str, browser: object, tmp_path: Pa
     screenshot = tmp_path / "search-page.png"
     assert driver.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 1000 and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gallery_files_never_run_as_pages_on_the_servers_origin(tmp_path: Path, browser: object) -> None:
+    """A PNG with a script appended behind a .png symlink to payload.html, and an SVG swapped in later: no script runs."""
+    import io
+
+    from PIL import Image
+
+    gallery = _gallery(tmp_path / "gallery", count=3)
+    png = io.BytesIO()
+    Image.new("RGB", (24, 48), (10, 120, 200)).save(png, "PNG")
+    (gallery / "payload.html").write_bytes(png.getvalue() + b"<script>document.title='pwned'</script>")
+    (gallery / "photo.png").symlink_to("payload.html")
+    _, adapter = _save_run(tmp_path / "run", seed=1)
+    app = create_app([ScenarioSpec("s", _index(adapter, gallery, tmp_path / "index"))])
+    paths = app.state.scenarios["s"].index.paths
+    (gallery / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>document.title="pwned"</script></svg>')
+    (gallery / "p01.png").unlink()
+    (gallery / "p01.png").symlink_to("drawing.svg")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        for name in ("photo.png", "p01.png"):
+            browser.get(f"http://127.0.0.1:{server.config.port}/api/images/s/{paths.index(name)}")
+            time.sleep(0.5)  # give a script, if one ran, the time to run
+            assert browser.title != "pwned", name
+            assert browser.execute_script("return document.contentType") in ("image/png", "application/json"), name
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

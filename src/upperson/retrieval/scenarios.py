@@ -32,23 +32,25 @@ import dataclasses
 import logging
 import os
 import re
+import stat
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 from upperson.adapter_file import read_adapter_for
 from upperson.backbone.loading import Backbone, BackboneLoadError, load_backbone
+from upperson.config import ConfigError, read_yaml
 from upperson.data.datasets import IMAGE_ERRORS
 from upperson.methods import RetrievalModel, build_method_config, build_model, get_method
-from upperson.retrieval.gallery import GalleryIndex, encode_images, encode_queries, file_sha256, index_adapter
+from upperson.retrieval.gallery import INDEX_FILE, GalleryIndex, encode_images, encode_queries, file_sha256, index_adapter
 from upperson.runtime import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,33 @@ logger = logging.getLogger(__name__)
 SCENARIO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Scenario names appear in URLs: letters, digits, ``_``, ``.`` and ``-``, at most 64 characters."""
 _SCENARIO_FILE_KEYS = frozenset({"name", "index", "adapter"})
+MAX_IMAGE_SIDE = 4096
+"""Largest ``image_size`` side an index may ask the encoders for: a tampered ``[100000, 100000]`` would otherwise
+allocate a position embedding of hundreds of GB while the server runs."""
+
+
+def display_path(path: str) -> str:
+    """``path`` as text any JSON encoder and any screen show as it is: nothing hidden, nothing reordered.
+
+    Bytes that are not UTF-8 (which Python decodes from file names as surrogate escapes) become
+    ``\\xNN``; control and format characters (NUL, escape sequences, line separators, zero-width and
+    bidi controls such as U+202E, which would show ``gnp.exe`` reversed) become ``\\xNN`` or
+    ``\\uNNNN``. It is for showing only: the server finds a file by its row, never by this text.
+    """
+    return "".join(_shown(char) for char in path)
+
+
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Unicode categories shown escaped: controls, format (bidi, zero-width), surrogates, line and paragraph separators."""
+
+
+def _shown(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's escape of the undecodable byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    if unicodedata.category(char) in _HIDDEN_CATEGORIES:
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
 
 
 class ScenarioError(ValueError):
@@ -103,13 +132,14 @@ class ScenarioSpec:
 def read_scenario_file(path: str | os.PathLike[str]) -> list[ScenarioSpec]:
     """Scenarios from a YAML list of ``{name, index, adapter (optional)}`` mappings.
 
-    Relative paths are relative to the file's folder. Unknown keys are errors.
+    Relative paths are relative to the file's folder. Unknown keys and keys written twice are errors; values
+    follow the config value syntax (:mod:`upperson.config`).
     """
     path = Path(path)
     try:
-        entries = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ScenarioError(f"{path}: not valid YAML ({error})") from error
+        entries = read_yaml(path)  # the training configs' reader: a key written twice is an error, not the last one wins
+    except ConfigError as error:
+        raise ScenarioError(" ".join(line.strip() for line in str(error).splitlines() if line.strip())) from error
     example = "- {name: street, index: /data/street/.upperson-index}"
     if not isinstance(entries, list) or not entries:
         raise ScenarioError(f"{path}: expected a YAML list of scenarios, e.g. '{example}'")
@@ -233,9 +263,9 @@ class Scenario:
             "name": self.name,
             "images": len(self.index),
             "method": metadata["method"],
-            "backbone": Path(source).name if Path(source).is_absolute() else source,
+            "backbone": display_path(Path(source).name if Path(source).is_absolute() else source),
             "backbone_sha256": metadata["backbone_sha256"],
-            "adapter": self.adapter.path.name if self.adapter.path is not None else None,
+            "adapter": display_path(self.adapter.path.name) if self.adapter.path is not None else None,
             "adapter_sha256": self.adapter.sha256,
             "image_size": list(self.image_size),
             "loaded_at": self.loaded_at,
@@ -271,17 +301,41 @@ class Scenario:
 
         Raises:
             UnknownRowError: no such row.
-            MissingImageError: the file is gone, or now resolves outside the gallery (a symlink swapped in).
+            MissingImageError: the file is gone, now resolves outside the gallery (a symlink swapped in), or the
+                index's path has control characters (NUL, newline, escapes), which no path to serve has.
         """
         self._check_row(row)
         relative = self.index.paths[row]
+        shown = display_path(relative)
+        if any(unicodedata.category(char) == "Cc" for char in relative):
+            raise MissingImageError(f"the index path of row {row} ({shown}) has control characters; rename the file and rebuild the index")
         try:
             path = (self._real_root / relative).resolve(strict=True)
         except (OSError, RuntimeError):  # missing, or a symlink loop (RuntimeError before Python 3.13)
-            raise MissingImageError(f"the image of row {row} ({relative}) is no longer in the gallery; rebuild the index") from None
+            raise MissingImageError(f"the image of row {row} ({shown}) is no longer in the gallery; rebuild the index") from None
         if not path.is_relative_to(self._real_root) or not path.is_file():
-            raise MissingImageError(f"the image of row {row} ({relative}) no longer resolves to a file inside the gallery")
+            raise MissingImageError(f"the image of row {row} ({shown}) no longer resolves to a file inside the gallery")
         return path
+
+    def open_image(self, row: int) -> BinaryIO:
+        """The file of ``row`` (:meth:`image_file`) opened for reading; what is read is the file that was checked.
+
+        The last path component is not followed again (``O_NOFOLLOW``), a pipe swapped in does not block
+        (``O_NONBLOCK``), and a file deleted since the check is a :class:`MissingImageError` like one deleted before.
+        """
+        path = self.image_file(row)
+        shown = display_path(self.index.paths[row])
+        try:
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise MissingImageError(f"the image of row {row} ({shown}) is no longer in the gallery; rebuild the index") from None
+        except OSError:  # ELOOP: a symlink swapped in since the check
+            raise MissingImageError(f"the image of row {row} ({shown}) no longer resolves to a file inside the gallery") from None
+        file = os.fdopen(descriptor, "rb")
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            file.close()
+            raise MissingImageError(f"the image of row {row} ({shown}) is no longer a regular file")
+        return file
 
     def image_dimensions(self, row: int) -> tuple[int, int] | None:
         """``(width, height)`` of the image of ``row`` from its header, or ``None`` when it cannot be read."""
@@ -373,16 +427,28 @@ class Scenarios:
         return scenario
 
     def _load(self, spec: ScenarioSpec) -> Scenario:
-        """Build one scenario (call with ``_loading`` held); every failure is a :class:`ScenarioError`."""
+        """Build one scenario (call with ``_loading`` held); every failure to read the index or adapter is a
+        :class:`ScenarioError` in one line naming the scenario and the file."""
+        index_file = spec.index / INDEX_FILE
+        prefix = f"scenario {spec.name!r}"
         try:
             index = GalleryIndex.load(spec.index)
+            _check_image_size(index.metadata, index_file)
             adapter_path = index_adapter(index, spec.adapter)
             shared = self._model_for(index.metadata)
             adapter = self._read_adapter(shared, adapter_path)
-        except ScenarioError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError, BackboneLoadError) as error:  # the library's errors name the file and the fix
-            raise ScenarioError(f"scenario {spec.name!r} ({spec.index}): {error}") from error
+        except ScenarioError as error:
+            if str(error).startswith(prefix):
+                raise
+            raise ScenarioError(f"{prefix}: {error}") from error
+        except (OSError, ValueError, TypeError, BackboneLoadError) as error:  # the library's errors name the file and the fix
+            raise ScenarioError(f"{prefix} ({spec.index}): {error}") from error
+        except (KeyError, IndexError) as error:  # the index's metadata lacks a field the model needs
+            raise ScenarioError(f"{prefix}: {index_file} metadata lacks {error} ({type(error).__name__}); rebuild the index") from error
+        except RecursionError as error:  # JSON nested deeper than Python's parser recurses
+            raise ScenarioError(f"{prefix}: {index_file} (or the adapter's metadata) is nested too deeply to read; rebuild the index") from error
+        except MemoryError as error:
+            raise ScenarioError(f"{prefix} ({spec.index}): too large to load (MemoryError); rebuild the index") from error
         precision = resolve_precision(index.metadata.get("precision", "fp32"), self.device) if self.device.type != "cpu" else "fp32"
         logger.info(
             "scenario %r: %d images, %s on %s, adapter %s (%.1f MB)",
@@ -437,6 +503,19 @@ class Scenarios:
         self._models = {key: model for key, model in self._models.items() if key in used}
         backbones = {(key.backbone_sha256, key.image_size) for key in used}
         self._backbones = {key: backbone for key, backbone in self._backbones.items() if key in backbones}
+
+
+def _check_image_size(metadata: dict[str, Any], index_file: Path) -> None:
+    """The index's ``image_size`` must be ``[height, width]``, each 1 to :data:`MAX_IMAGE_SIDE` pixels."""
+    size = metadata.get("image_size")
+    if not (
+        isinstance(size, list) and len(size) == 2
+        and all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= MAX_IMAGE_SIDE for side in size)
+    ):
+        raise ScenarioError(
+            f"{index_file}: metadata field 'image_size' must be [height, width], each 1 to {MAX_IMAGE_SIDE} pixels, got {size!r}; "
+            "rebuild the index with `upperson index`"
+        )
 
 
 def _structural_copy(clip: torch.nn.Module) -> torch.nn.Module:
