@@ -238,6 +238,11 @@ def test_values_for_aligns_to_index_rows_and_lists_unmatched(tmp_path: Path) -> 
     assert aligned.table.columns["camera"].vocabulary == metadata.table.columns["camera"].vocabulary
     none = metadata.values_for([])
     assert len(none.table) == 0 and len(none.unmatched) == 4
+    header_only = read_metadata(write(tmp_path, "empty.csv", "path,camera,track\n"))
+    assert header_only.schema.as_dict() == {"camera": "string", "track": "string"}  # no values: nothing to infer from
+    assert header_only.values_for(["a.jpg"]).table.record(0) == {"camera": None, "track": None}
+    with pytest.raises(IndexError, match=r"rows must be -1 or in 0\.\.3"):
+        metadata.table.take([4])
 
 
 def test_schema_json_round_trip_and_strict_loader() -> None:

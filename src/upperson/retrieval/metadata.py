@@ -213,7 +213,8 @@ class MetadataSchema:
                 raise MetadataError(f"metadata schema: field {show_value(name)} has unknown type {show_value(kind)}; "
                                     f"use one of {', '.join(FIELD_TYPES)}")
             if name.lower() in seen:
-                raise MetadataError(f"metadata schema: field {show_value(name)} appears twice (names are compared case-insensitively)")
+                raise MetadataError(f"metadata schema: field {show_value(name)} appears twice "
+                                    "(names are compared case-insensitively)")
             seen.add(name.lower())
 
     @classmethod
@@ -282,13 +283,12 @@ class NumericColumn:
     def __len__(self) -> int:
         return len(self.values)
 
-    def take(self, rows: np.ndarray) -> NumericColumn:
-        """The column at ``rows``; a row of ``-1`` gives null."""
-        present = rows >= 0
-        safe = np.where(present, rows, 0)
-        values = self.values[safe] if len(self.values) else np.zeros(len(rows), self.values.dtype)
-        valid = (self.valid[safe] if len(self.valid) else np.zeros(len(rows), bool)) & present
-        return NumericColumn(np.where(valid, values, 0).astype(self.values.dtype), valid)
+    def take(self, rows: np.ndarray, missing: np.ndarray | None = None) -> NumericColumn:
+        """The column at ``rows`` (in range); rows flagged in ``missing`` (``bool``) become null."""
+        values, valid = self.values[rows], self.valid[rows]
+        if missing is not None:
+            values[missing], valid[missing] = 0, False
+        return NumericColumn(values, valid)
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,15 +312,23 @@ class StringColumn:
         """``{value: code}``, built once per column (filters look values up here)."""
         return {value: code for code, value in enumerate(self.vocabulary)}
 
-    def take(self, rows: np.ndarray) -> StringColumn:
-        """The column at ``rows``; a row of ``-1`` gives null."""
-        present = rows >= 0
-        codes = self.codes[np.where(present, rows, 0)] if len(self.codes) else np.full(len(rows), -1, np.int32)
-        return StringColumn(np.where(present, codes, -1).astype(np.int32), self.vocabulary)
+    def take(self, rows: np.ndarray, missing: np.ndarray | None = None) -> StringColumn:
+        """The column at ``rows`` (in range); rows flagged in ``missing`` (``bool``) become null."""
+        codes = self.codes[rows]
+        if missing is not None:
+            codes[missing] = -1
+        return StringColumn(codes, self.vocabulary)
 
 
 Column = NumericColumn | StringColumn
 _DTYPES: dict[FieldType, type] = {"int": np.int64, "float": np.float64, "timestamp": np.int64}
+
+
+def _nulls(like: Column, count: int) -> Column:
+    """A column of ``count`` nulls of the same type as ``like``."""
+    if isinstance(like, StringColumn):
+        return StringColumn(np.full(count, -1, np.int32), like.vocabulary)
+    return NumericColumn(np.zeros(count, like.values.dtype), np.zeros(count, bool))
 
 
 @dataclass(frozen=True, eq=False)
@@ -352,7 +360,18 @@ class MetadataTable:
     def take(self, rows: Sequence[int] | np.ndarray) -> MetadataTable:
         """The rows ``rows`` (``-1`` = a row of nulls), in that order."""
         rows = np.asarray(rows, dtype=np.int64)
-        return MetadataTable(self.schema, {name: column.take(rows) for name, column in self.columns.items()}, len(rows))
+        if len(rows) and (rows.max() >= self.num_rows or rows.min() < -1):
+            raise IndexError(f"rows must be -1 or in 0..{self.num_rows - 1}")
+        missing = rows < 0
+        if missing.any():
+            if self.num_rows == 0:  # nothing to gather from: every row is null
+                return MetadataTable(self.schema, {name: _nulls(column, len(rows)) for name, column in self.columns.items()},
+                                     len(rows))
+            rows = np.where(missing, 0, rows)
+        else:
+            missing = None
+        columns = {name: column.take(rows, missing) for name, column in self.columns.items()}
+        return MetadataTable(self.schema, columns, len(rows))
 
     def record(self, row: int) -> dict[str, int | float | str | None]:
         """Row ``row`` as JSON-ready values: timestamps as ISO 8601 UTC text, null as ``None``."""
@@ -482,10 +501,12 @@ def read_metadata(path: str | Path, *, declared: Mapping[str, FieldType] | None 
     source = Path(path)
     kind = METADATA_SUFFIXES.get(source.suffix.lower())
     if kind is None:
-        raise MetadataError(f"{source}: metadata must be .csv, .jsonl or .ndjson, not {show_value(source.suffix) if source.suffix else 'a name without one'}")
+        suffix = show_value(source.suffix) if source.suffix else "a name without one"
+        raise MetadataError(f"{source}: metadata must be .csv, .jsonl or .ndjson, not {suffix}")
     zone = resolve_timezone(timezone)
-    records = _csv_records(source) if kind == "csv" else _jsonl_records(source)
-    return _build(source, records, dict(declared or {}), zone, kind)
+    header: list[str] = []  # a CSV's columns, filled as it is read (they are fields even with no rows)
+    records = _csv_records(source, header) if kind == "csv" else _jsonl_records(source)
+    return _build(source, records, header, dict(declared or {}), zone, kind)
 
 
 def from_market1501(paths: Sequence[str]) -> GalleryMetadata:
@@ -526,7 +547,7 @@ Raw = str | None
 """A cell as read: CSV text, a JSON string, a :class:`_JsonNumber`, or ``None`` for null."""
 
 
-def _csv_records(source: Path) -> Iterator[tuple[int, dict[str, Raw]]]:
+def _csv_records(source: Path, header_out: list[str]) -> Iterator[tuple[int, dict[str, Raw]]]:
     with source.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, strict=True)
         try:
@@ -535,6 +556,7 @@ def _csv_records(source: Path) -> Iterator[tuple[int, dict[str, Raw]]]:
                 raise MetadataError(f"{source}: the file is empty; the first line names the columns (path, ...)")
             names = [name.strip() for name in header]
             _check_header(source, names, 1)
+            header_out.extend(name for name in names if name != PATH_FIELD)
             start = reader.line_num + 1
             for cells in reader:
                 line, start = start, reader.line_num + 1
@@ -606,7 +628,7 @@ def _jsonl_records(source: Path) -> Iterator[tuple[int, dict[str, Raw]]]:
         raise MetadataError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def _build(source: Path, records: Iterable[tuple[int, dict[str, Raw]]], declared: dict[str, FieldType],
+def _build(source: Path, records: Iterable[tuple[int, dict[str, Raw]]], header: list[str], declared: dict[str, FieldType],
            zone: dt.tzinfo | None, kind: str) -> GalleryMetadata:
     paths: list[str] = []
     lines: list[int] = []
@@ -625,6 +647,8 @@ def _build(source: Path, records: Iterable[tuple[int, dict[str, Raw]]], declared
             if len(column) < len(paths):
                 column.append(None)
         lines.append(line)
+    for name in header:
+        raw.setdefault(name, [None] * len(paths))
     _check_distinct(paths, lines, str(source))
     names = {name.lower(): name for name in raw}
     for name, field_type in declared.items():
