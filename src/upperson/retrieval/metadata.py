@@ -23,7 +23,6 @@ file, the line and the field.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import datetime as dt
 import json
 import math
