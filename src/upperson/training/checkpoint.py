@@ -55,11 +55,14 @@ def save_training_state(
     scaler: torch.amp.GradScaler | None,
     state: TrainingState,
     objective: nn.Module | None = None,
+    config: dict[str, Any] | None = None,
 ) -> None:
-    """Adapter tensors, loss-head tensors, optimizer, scheduler, grad scaler, RNG states and progress, atomically.
+    """Adapter tensors, loss-head tensors, optimizer, scheduler, grad scaler, RNG states, progress and the
+    config they were trained with, atomically.
 
     ``objective`` holds what the losses train besides the model (the ID classifier); it is saved
-    here and not in the adapter file because only a resumed run needs it.
+    here and not in the adapter file because only a resumed run needs it. ``config`` is the run's
+    ``RunConfig.to_dict()``: what ``--resume`` compares with (see :func:`read_trained_config`).
     """
     payload = {
         "adapter": {name: tensor.detach().cpu() for name, tensor in model.trainable_state_dict().items()},
@@ -71,6 +74,7 @@ def save_training_state(
         "completed_epochs": state.completed_epochs,
         "best_score": state.best_score,
         "best_epoch": state.best_epoch,
+        "config": config,
     }
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
@@ -85,21 +89,17 @@ def load_training_state(
     objective: nn.Module | None = None,
 ) -> TrainingState:
     """Restore everything :func:`save_training_state` wrote; returns the progress record."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no training state at {path}: the run has not completed an epoch yet")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:  # torch reports corrupt zips and pickles this way
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"{path} is unreadable ({reason[:200]}); the run cannot resume from it: restore the file, or start over "
-            "in this run directory with --overwrite (the old run is moved aside)"
-        ) from error
-    if not isinstance(payload, dict) or not {"adapter", "optimizer", "scheduler", "rng", "completed_epochs"} <= set(payload):
-        raise ValueError(f"{path} is not an upperson training state; start over with --overwrite or restore the file")
+    payload = _read_state(path)
     targets = model.trainable_state_dict()
     if set(payload["adapter"]) != set(targets):
         raise ValueError(f"{path}: adapter tensors do not match the model built from the run's config")
+    shapes = [name for name, tensor in payload["adapter"].items() if tensor.shape != targets[name].shape]
+    if shapes:
+        name = shapes[0]
+        raise ValueError(
+            f"{path}: adapter tensor {name} is {tuple(payload['adapter'][name].shape)} there but "
+            f"{tuple(targets[name].shape)} in the model built from the run's config; resume with the config the run was started with"
+        )
     with torch.no_grad():
         for name, tensor in payload["adapter"].items():
             targets[name].copy_(tensor)
@@ -110,6 +110,32 @@ def load_training_state(
         scaler.load_state_dict(payload["scaler"])
     _restore_rng(payload["rng"])
     return TrainingState(payload["completed_epochs"], payload["best_score"], payload["best_epoch"])
+
+
+def read_trained_config(path: Path) -> dict[str, Any] | None:
+    """The config (``RunConfig.to_dict()``) the state at ``path`` was trained with; ``None`` for states written
+    before upperson recorded it. Tensors are memory-mapped, not read."""
+    config = _read_state(path, mmap=True).get("config")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"{path}: its recorded config is not a mapping; restore the file or start over with --overwrite")
+    return config
+
+
+def _read_state(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The payload of a training state file, refused in one line when missing, unreadable or foreign."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state at {path}: the run has not completed an epoch yet")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # torch reports corrupt zips and pickles this way
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path} is unreadable ({reason[:200]}); the run cannot resume from it: restore the file, or start over "
+            "in this run directory with --overwrite (the old run is moved aside)"
+        ) from error
+    if not isinstance(payload, dict) or not {"adapter", "optimizer", "scheduler", "rng", "completed_epochs"} <= set(payload):
+        raise ValueError(f"{path} is not an upperson training state; start over with --overwrite or restore the file")
+    return payload
 
 
 def _restore_objective(path: Path, stored: dict[str, torch.Tensor], objective: nn.Module | None) -> None:

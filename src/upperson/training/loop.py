@@ -29,6 +29,7 @@ from upperson.training.checkpoint import (
     STATE_FILE,
     TrainingState,
     load_training_state,
+    read_trained_config,
     save_training_state,
 )
 from upperson.training.distributed import (
@@ -42,6 +43,7 @@ from upperson.training.distributed import (
 from upperson.training.history import CONFIG_FILE, append_history, log_to_file, write_metrics
 from upperson.training.run_dir import (
     RunDirectoryError,
+    check_new_run,
     prepare_new_run,
     rebuild_history,
     remove_stale_temporaries,
@@ -126,40 +128,61 @@ class Trainer:
         Args:
             resume: continue the run in ``run_dir`` after its last completed epoch (from epoch 0 when
                 none completed); only :data:`~upperson.training.run_dir.RESUMABLE_FIELDS` may differ
-                from its ``config.yaml``, which is updated.
+                from the config its ``state.pt`` was trained with (else from its ``config.yaml``),
+                which is updated.
             stop_after_epochs: stop (resumably) once this many epochs are complete.
             overwrite: start a new run even if ``run_dir`` holds one; the old run is moved aside.
 
         Under torchrun every rank returns rank 0's result.
+
+        The run directory is checked first (an existing run without ``overwrite``, what a resume
+        changes), then the dataset; only then is anything written, so a failed check leaves the
+        directory as it was, and retrying in it once the data is fixed starts the run.
         """
         with process_group(self.distributed, self.device):
             if self.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             with run_lock(self.run_dir) if self.is_main else nullcontext():
+                changed = self._check_run_dir(resume, overwrite) if self.is_main else False
+                seed_everything(self.config.train.seed)
+                dataset = self._load_validated_dataset()
                 if self.is_main:
-                    self._prepare_run_dir(resume, overwrite)
+                    self._record_run(resume, overwrite, changed)
                 barrier(self.distributed, self.device)
-                return self._fit(resume, stop_after_epochs)
+                return self._fit(dataset, resume, stop_after_epochs)
 
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
-        """Refuse to overwrite another run (or move it aside), or check what a resume changes; record the config."""
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> bool:
+        """Refuse another run in the directory (unless ``overwrite``) or a resume that changes what the run trains,
+        before anything is built or written; returns whether a resume changes the config."""
         if not resume:
-            prepare_new_run(self.run_dir, overwrite)
-            save_config(self.config, self.run_dir / CONFIG_FILE)
-            return
+            check_new_run(self.run_dir, overwrite)
+            return False
         saved_path = self.run_dir / CONFIG_FILE
         if not saved_path.is_file():
             raise RunDirectoryError(f"--resume {self.run_dir}: no {CONFIG_FILE} there, so it holds no run to continue")
-        if resume_changes(load_config(saved_path), self.config, self.run_dir):
-            save_config(self.config, saved_path)
+        state_path = self.run_dir / STATE_FILE
+        trained = read_trained_config(state_path) if state_path.is_file() else None
+        if trained is not None:
+            return bool(resume_changes(trained, self.config, self.run_dir, STATE_FILE))
+        if state_path.is_file():
+            logger.warning(
+                "%s records no config (written by an older upperson): --resume compares with %s, so edits of that file go unnoticed",
+                state_path, CONFIG_FILE,
+            )
+        return bool(resume_changes(load_config(saved_path).to_dict(), self.config, self.run_dir, CONFIG_FILE))
 
-    def _fit(self, resume: bool, stop_after_epochs: int | None) -> TrainResult | None:
+    def _record_run(self, resume: bool, overwrite: bool, changed: bool) -> None:
+        """Move an old run aside (``overwrite``) and write the config of a new run, or of a resume that changed it."""
+        if not resume:
+            prepare_new_run(self.run_dir, overwrite)
+        if not resume or changed:
+            save_config(self.config, self.run_dir / CONFIG_FILE)
+
+    def _fit(self, dataset: RetrievalDataset, resume: bool, stop_after_epochs: int | None) -> TrainResult | None:
         config = self.config
         with log_to_file(self.run_dir) if self.is_main else nullcontext():
             if self.is_main:
                 remove_stale_temporaries(self.run_dir)
-            seed_everything(config.train.seed)
-            dataset = self._load_validated_dataset()
             parts = build_training(config, dataset.num_train_ids, self.device, self.distributed)
             if not parts.model.trainable_state_dict():
                 raise ValueError(f"method {config.method!r} has nothing to train; evaluate it with `upperson eval --config ...`")
@@ -196,7 +219,8 @@ class Trainer:
                     self._select(parts.model, dataset, selection, state, epoch)
                     upperson.save_adapter(parts.model, self.run_dir / LAST_ADAPTER)
                     save_training_state(
-                        self.run_dir / STATE_FILE, parts.model, parts.optimizer, parts.scheduler, parts.scaler, state, parts.objective
+                        self.run_dir / STATE_FILE, parts.model, parts.optimizer, parts.scheduler, parts.scaler, state, parts.objective,
+                        config=config.to_dict(),
                     )
                 barrier(self.distributed, self.device)
                 if stop_after_epochs is not None and state.completed_epochs >= stop_after_epochs < config.train.epochs:

@@ -1,9 +1,12 @@
 """Keeping a run directory consistent: one writer at a time, no silent overwrite, sane after a crash.
 
 A run directory belongs to one run. Starting a new run where one exists is refused unless the user
-asks to overwrite, and then the old run is moved aside whole, never mixed or deleted. A lock file
+asks to overwrite, and then the old run is moved aside whole, never mixed or deleted; a directory
+holding none of a run's files (e.g. after a ``train`` whose dataset check failed) is free. A lock file
 stops a second process from writing the same directory. Resuming may only change fields that do not
-alter what the finished run means (more epochs, evaluation cadence, workers); the history is cut
+alter what the finished run means (more epochs, evaluation cadence, workers), compared with the config
+the checkpoint was trained with (recorded in ``state.pt``, so editing ``config.yaml`` by hand is caught
+as well as ``--set``); the history is cut
 back to the epochs the checkpoint holds, so a crash between writing history and checkpoint never
 leaves duplicate rows, and temporary files of interrupted atomic writes are removed.
 """
@@ -47,11 +50,24 @@ RESUMABLE_FIELDS = frozenset(
         "run_name",
     }
 )
-"""Fields ``--resume`` may change: how long and how often, not what is trained on which data."""
+"""Fields ``--resume`` may change: how long (``train.epochs``, which can only grow) and how often, evaluation
+batching, workers, device and naming; not what is trained on which data, nor how (the model structure,
+losses, optimiser, schedule, seed, precision, data and its augmentation)."""
 
 
 class RunDirectoryError(ValueError):
     """The run directory cannot be used as asked; the message says what to do instead."""
+
+
+def check_new_run(run_dir: Path, overwrite: bool) -> list[str]:
+    """The run files ``run_dir`` holds; refuses them unless ``overwrite`` (nothing is changed here)."""
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise RunDirectoryError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); continue it with `upperson train --resume {run_dir}`, "
+            "start over with --overwrite (the old run is moved aside, not deleted), or choose another --run-dir"
+        )
+    return existing
 
 
 def prepare_new_run(run_dir: Path, overwrite: bool) -> Path | None:
@@ -60,14 +76,8 @@ def prepare_new_run(run_dir: Path, overwrite: bool) -> Path | None:
     Everything in the directory but the lock moves to a sibling ``<name>.replaced-<time>`` folder, which is
     returned; nothing is deleted.
     """
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if not existing:
+    if not check_new_run(run_dir, overwrite):
         return None
-    if not overwrite:
-        raise RunDirectoryError(
-            f"{run_dir} already holds a run ({', '.join(existing)}); continue it with `upperson train --resume {run_dir}`, "
-            "start over with --overwrite (the old run is moved aside, not deleted), or choose another --run-dir"
-        )
     aside = run_dir.with_name(f"{run_dir.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
     copy = 1
     while aside.exists():
@@ -80,19 +90,26 @@ def prepare_new_run(run_dir: Path, overwrite: bool) -> Path | None:
     return aside
 
 
-def resume_changes(saved: RunConfig, requested: RunConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
-    """Fields that differ between the run's ``config.yaml`` and the resumed config; refuses any not resumable."""
-    before, after = _flatten(saved.to_dict()), _flatten(requested.to_dict())
+def resume_changes(trained: dict[str, Any], requested: RunConfig, run_dir: Path, source: str) -> dict[str, tuple[Any, Any]]:
+    """Fields that differ between the config the run was trained with and the resumed one; refuses any not resumable.
+
+    Args:
+        trained: ``RunConfig.to_dict()`` of the run so far (as recorded in ``state.pt``).
+        source: where ``trained`` was read, for the message.
+    """
+    before, after = _flatten(trained), _flatten(requested.to_dict())
     changed = {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)}
     refused = [key for key in changed if key not in RESUMABLE_FIELDS]
     if refused:
         details = "; ".join(f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in refused)
         raise RunDirectoryError(
-            f"--resume {run_dir}: {details} would change what the run trains; resume only changes "
-            f"{', '.join(sorted(RESUMABLE_FIELDS))}. Start a new run (another --run-dir) for other changes"
+            f"--resume {run_dir}: {details} would change what the run trains (compared with the config it was trained with "
+            f"({source})); undo the edit of {run_dir / CONFIG_FILE} or the --set. Resume only changes "
+            f"{', '.join(sorted(RESUMABLE_FIELDS))}; start a new run (another --run-dir) for other changes"
         )
-    if requested.train.epochs < saved.train.epochs:
-        raise RunDirectoryError(f"--resume {run_dir}: train.epochs can only grow ({saved.train.epochs} -> {requested.train.epochs})")
+    epochs = before.get("train.epochs")
+    if isinstance(epochs, int) and requested.train.epochs < epochs:
+        raise RunDirectoryError(f"--resume {run_dir}: train.epochs can only grow ({epochs} -> {requested.train.epochs})")
     for key, (old, new) in changed.items():
         logger.info("resume: %s %r -> %r", key, old, new)
     return changed
