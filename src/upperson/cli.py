@@ -10,7 +10,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -30,6 +30,8 @@ from upperson.training.history import CONFIG_FILE
 from upperson.training.loop import DatasetValidationError, Trainer, default_run_dir
 
 if TYPE_CHECKING:
+    import torch
+
     from upperson.retrieval.export import Parity  # the export extra (onnx) is imported only by `upperson export`
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -171,8 +173,9 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="search API and page over indexed galleries (FastAPI on uvicorn; needs upperson[serve])",
         description="Serve one or more gallery indexes (`upperson index`) as named scenarios: a JSON API under /api "
-        "(docs at /docs) and a search page at /. Scenarios on the same backbone share one copy of it in memory; each "
-        "keeps only its adapter.",
+        "(its OpenAPI schema at /openapi.json; no docs UI, which would load a CDN) and a search page at /. Scenarios on "
+        "the same backbone share one copy of it in memory; each keeps only its adapter. Host, port, device and token are "
+        "checked before any model loads.",
     )
     serve.add_argument("--scenario", action="append", default=[], metavar="NAME=INDEX_DIR", help="a scenario (repeatable)")
     serve.add_argument(
@@ -180,9 +183,11 @@ def _parser() -> argparse.ArgumentParser:
         help="YAML list of scenarios: '- {name: NAME, index: INDEX_DIR, adapter: FILE}' (adapter optional; paths relative to the file)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument("--port", type=int, default=8000, help="1 to 65535, free on --host (default: %(default)s)")
     serve.add_argument(
-        "--token", help="require 'Authorization: Bearer TOKEN' on /api (default: $UPPERSON_TOKEN; the variable keeps it out of `ps`)"
+        "--token",
+        help="require 'Authorization: Bearer TOKEN' on /api: printable ASCII without spaces, never empty "
+        "(default: $UPPERSON_TOKEN; the variable keeps it out of `ps`)",
     )
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available)")
     serve.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -452,34 +457,81 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
-    import torch
-
     try:
-        from upperson.retrieval.serve import create_app, run_server
+        from upperson.retrieval.serve import check_token, create_app, run_server
     except ImportError as error:  # FastAPI and uvicorn are the optional `serve` extra
         raise ValueError(f"upperson serve needs FastAPI and uvicorn: pip install 'upperson[serve]' ({error})") from error
     from upperson.retrieval.scenarios import ScenarioSpec, Scenarios, read_scenario_file
 
+    # every flag is checked before the models load (minutes for a large gallery on a real backbone)
+    token = _serve_token(args.token, check_token)
+    device = _serve_device(args.device)
+    _check_listen_address(args.host, args.port)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     specs = [ScenarioSpec.parse(text) for text in args.scenario]
     if args.config:
         specs += read_scenario_file(args.config)
     if not specs:
         raise ValueError("give at least one --scenario NAME=INDEX_DIR or --config SERVE_YAML")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
         torch.set_num_threads(args.threads)
-    token = args.token if args.token is not None else os.environ.get("UPPERSON_TOKEN") or None
-    scenarios = Scenarios(specs, device=resolve_device(args.device))
+    scenarios = Scenarios(specs, device=device)
     for scenario in scenarios:
         print(f"scenario {scenario.name}: {len(scenario.index)} images of {scenario.index.image_dir}")
     print(f"{len(scenarios)} scenario(s) on {len(scenarios.models)} model(s), {len(scenarios.backbones)} backbone(s) in memory")
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"search page: http://{host}:{args.port}/  API docs: http://{host}:{args.port}/docs" + ("  (token required)" if token else ""))
+    print(f"search page: http://{host}:{args.port}/  API schema: http://{host}:{args.port}/openapi.json" + ("  (token required)" if token else ""))
     run_server(create_app(scenarios, token=token), args.host, args.port)
     return EXIT_OK
+
+
+def _serve_token(flag: str | None, check: Callable[[str, str], None]) -> str | None:
+    """``--token``, else ``$UPPERSON_TOKEN``, else none; an empty or unsendable one is refused, naming where it came from."""
+    import os
+
+    token, source = (flag, "--token") if flag is not None else (os.environ.get("UPPERSON_TOKEN"), "UPPERSON_TOKEN")
+    if token is not None:
+        check(token, source)
+    return token
+
+
+def _serve_device(name: str) -> torch.device:
+    """``--device`` as a device serve runs on (the CPU or a CUDA GPU that exists)."""
+    import torch
+
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, ValueError) as error:  # torch.device("tpu") raises RuntimeError
+        raise ValueError(f"--device {name!r}: {_one_line(str(error))}") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: serve runs on cpu or cuda (cuda:N); got a {device.type!r} device")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """Refuse a --host/--port uvicorn could not listen on: the port range, a host that does not resolve, a port in use."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port}: must be 1 to 65535")
+    if not host.strip():
+        raise ValueError("--host '': give an interface to bind, e.g. 127.0.0.1 (this machine) or 0.0.0.0 (every interface)")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as error:  # socket.gaierror is an OSError
+        raise ValueError(f"--host {host!r}: not an address or a name this machine resolves ({error}); e.g. 127.0.0.1") from error
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") from error
 
 
 def _export(args: argparse.Namespace) -> int:
