@@ -203,6 +203,8 @@ def test_image_replaced_by_a_symlink_out_of_the_root_is_refused(built: Path, pho
         ({"files": []}, r"field 'files' must be an object"),
         ({"files": {"a.jpg": {"size": "big"}}}, r"field 'files' must map each path to its size and mtime_ns"),
         ({"image_dir": "relative/photos"}, r"field 'image_dir' must be an absolute path"),
+        ({"image_dir": "/photos\nx"}, r"field 'image_dir' must be an absolute path"),
+        ({"image_dir": "/photos"}, r"its gallery root /photos is outside"),
         ({"metadata": None}, r"field 'metadata' must be an object"),
         ({"skipped": [{"error": "x"}]}, r"field 'skipped' must be a list of"),
         ({"format_version": 99}, r"format version 99.*newer upperson"),
@@ -244,6 +246,7 @@ def test_features_of_the_wrong_shape_are_named(built: Path, tensors: dict[str, t
 
 def test_features_of_another_width_than_the_model_are_named(built: Path) -> None:
     save_file({"features": torch.zeros(4, 7, dtype=torch.float16)}, str(built / FEATURES_FILE))
+    _edit_index(built, feature_dim=7)
     index = GalleryIndex.load(built)
     model = model_from_index(index)
     width = model.backbone_spec.embed_dim

@@ -163,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--json", type=Path, help="write the hits as JSON here")
     search.add_argument("--figure", type=Path, help="write a PNG of each query's top-k images here")
     search.add_argument("--adapter", type=Path, help="the adapter file, if it moved since indexing (must be the same file)")
+    search.add_argument(
+        "--gallery-root", type=Path, metavar="DIR",
+        help="read images only inside DIR (default: the folder holding INDEX_DIR); needed when the images are elsewhere",
+    )
     search.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available)")
     search.add_argument(
         "--faiss-threshold", type=int, default=FAISS_THRESHOLD,
@@ -432,7 +436,7 @@ def _index(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    gallery = GalleryIndex.load(args.index)
+    gallery = GalleryIndex.load(args.index, gallery_root=args.gallery_root)
     device = resolve_device(args.device)
     model = model_from_index(gallery, adapter=args.adapter, device=device)
     precision = resolve_precision(gallery.metadata["precision"], device) if device.type != "cpu" else "fp32"
@@ -443,7 +447,7 @@ def _search(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = [
-            {"query": query, "hits": [{"rank": rank, "score": hit.score, "path": str(hit.path)} for rank, hit in enumerate(ranked, 1)]}
+            {"query": query, "hits": [{"rank": rank, "score": hit.score, "row": hit.row, "path": str(hit.path)} for rank, hit in enumerate(ranked, 1)]}
             for query, ranked in zip(args.queries, hits, strict=True)
         ]
         args.json.write_text(json.dumps(payload, indent=2))
@@ -565,11 +569,11 @@ def format_parity_table(parity: Sequence[Parity]) -> str:
 
 
 def format_hits_table(hits: Sequence[SearchHit], root: Path) -> str:
-    """rank | score | path (relative to the gallery root)."""
-    lines = [f"{'rank':>4}  {'score':>7}  path"]
+    """rank | score | row (the image's stable id) | path (relative to the gallery root)."""
+    lines = [f"{'rank':>4}  {'score':>7}  {'row':>6}  path"]
     for rank, hit in enumerate(hits, 1):
         path = hit.path.relative_to(root) if hit.path.is_relative_to(root) else hit.path
-        lines.append(f"{rank:>4}  {hit.score:>7.4f}  {path}")
+        lines.append(f"{rank:>4}  {hit.score:>7.4f}  {hit.row:>6}  {path}")
     return "\n".join(lines)
 
 

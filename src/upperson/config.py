@@ -30,6 +30,11 @@ from upperson._io import atomic_path
 from upperson.losses import LOSS_NAMES
 from upperson.methods.registry import MethodOptionError, get_method
 
+MAX_IMAGE_SIDE = 4096
+"""Largest height or width of ``data.image_size`` (and of a gallery index's): a ViT at 4096x4096 with 16-pixel
+patches already has 65,536 tokens; larger sizes only come from typos or tampered files and would try to
+allocate tens of GB for the position embedding."""
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid."""
@@ -65,6 +70,7 @@ class DataConfig:
             len(self.image_size) == 2 and all(side >= 1 for side in self.image_size),
             "data.image_size", "two integers >= 1 (height, width)", self.image_size,
         )
+        _require(all(side <= MAX_IMAGE_SIDE for side in self.image_size), "data.image_size", f"at most {MAX_IMAGE_SIDE} a side", self.image_size)
         _require(0.0 <= self.text_mask_prob < 1.0, "data.text_mask_prob", "in [0, 1)", self.text_mask_prob)
         _at_least(self.num_instances, 1, "data.num_instances")
         _at_least(self.num_workers, 0, "data.num_workers")

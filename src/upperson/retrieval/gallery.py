@@ -11,12 +11,17 @@ query features from anywhere (an image, another row).
 Features are stored in float16: half the disk of float32, and a cosine score of unit vectors moves
 by ~1e-3 at most, which only reorders near-ties.
 
+Every entry has a stable *row* id (:class:`RowIds`): re-indexing keeps the row of every path it finds
+again, gives new paths new rows and never gives a removed path's row to another image.
+
 The index never touches what it did not write: it refuses an index folder that holds anything but
 its own two files (or that holds the images), replaces a previous index only by removing those two
 files, and a lock file (``<index folder>.lock``, holding the writer's pid) keeps two processes from
 writing one index. Only files inside the gallery root are read: symlinks that dangle, loop or lead
-out of the root are skipped and listed, folder symlinks are not followed, and an ``index.json`` whose
-paths leave the root is refused as tampered.
+out of the root are skipped and listed, and folder symlinks are not followed. ``index.json`` is not
+trusted to say where that root is: it must lie inside the folder that holds the index folder, or
+inside the ``gallery_root`` the reader passes to :meth:`GalleryIndex.load`; paths that leave it, hidden
+or non-image paths and control characters are refused as tampered, and so are malformed fields.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import reprlib
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,10 +47,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from upperson.data.datasets import IMAGE_ERRORS, read_image
+from upperson.config import MAX_IMAGE_SIDE
 from upperson.data.transforms import build_transforms
-from upperson.methods import RetrievalModel
+from upperson.methods import METHODS, RetrievalModel
 from upperson.retrieval.factory import build_inference_model, inference_config
-from upperson.runtime import Progress, SilentProgress, autocast, resolve_precision
+from upperson.runtime import PRECISIONS, Progress, SilentProgress, autocast, resolve_precision
 from upperson.tokenizer import dropped_tokens, tokenize
 from upperson.version import __version__
 
@@ -52,7 +60,9 @@ logger = logging.getLogger(__name__)
 FEATURES_FILE = "features.safetensors"
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "upperson-gallery-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
+"""2 added stable row ids (``rows``, ``next_row``) and ``feature_dim``; version 1 files still load (their rows
+are their positions)."""
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 FAISS_THRESHOLD = 100_000
 """Galleries larger than this use FAISS (when importable); below it torch matmul is as fast."""
@@ -67,10 +77,85 @@ ranked in groups."""
 _INDEX_FILES = (INDEX_FILE, FEATURES_FILE)
 """Everything an index folder holds; nothing else in it is ever removed."""
 _REBUILD = "rebuild the index with `upperson index`"
+_FEATURE_CHECK_ROWS = 65_536
+"""Rows checked for NaN/Inf at a time (a bounded temporary instead of one boolean per value)."""
+_UNSAFE_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+"""Control characters (C0, DEL, C1) and lone surrogates: never in a name ``find_images`` records."""
+_SHA256 = re.compile("[0-9a-f]{64}")
 
 
 class GalleryIndexError(ValueError):
     """An index folder that cannot be written or read as it is; the message names the file and the fix."""
+
+
+class MissingRowError(LookupError):
+    """A row id the index does not hold: removed from the gallery (``gone``) or never given."""
+
+    def __init__(self, message: str, gone: bool) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+
+@dataclass(frozen=True)
+class RowIds:
+    """The stable id ("row") of each index entry, by position, and the next id to give.
+
+    A row, once given, means one relative path for as long as that path stays in the gallery:
+    :meth:`reassign` keeps the row of every path found again, gives new paths ``next_row``,
+    ``next_row + 1``, ... and lets removed paths take their rows with them (never given again).
+    Format-1 indexes had no ids: their rows are their positions.
+    """
+
+    ids: tuple[int, ...]
+    """Row of the entry at each position of ``GalleryIndex.paths``."""
+    next_row: int
+    """One more than the largest row ever given by this index."""
+    _positions: dict[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        problem = rows_problem(self.ids, self.next_row)
+        if problem is not None:
+            raise ValueError(f"row ids must be {problem}")
+        object.__setattr__(self, "_positions", {row: position for position, row in enumerate(self.ids)})
+
+    @classmethod
+    def positions(cls, count: int) -> RowIds:
+        """Rows ``0 .. count - 1`` in order: a new index, or one of format 1."""
+        return cls(tuple(range(count)), count)
+
+    def position(self, row: int) -> int:
+        """Where ``row`` is in the index's paths and features.
+
+        Raises:
+            MissingRowError: ``row`` was removed from the gallery (``gone``), or was never given.
+        """
+        position = self._positions.get(row)
+        if position is not None:
+            return position
+        if 0 <= row < self.next_row:
+            raise MissingRowError(f"row {row} was removed from the gallery (its image was gone when the folder was re-indexed)", gone=True)
+        raise MissingRowError(f"no row {row}: never given (only rows below {self.next_row} were given)", gone=False)
+
+    def reassign(self, old_paths: Sequence[str], new_paths: Sequence[str]) -> RowIds:
+        """Rows for ``new_paths`` (the entries of a rebuilt index, whose previous entries were ``old_paths``)."""
+        kept = dict(zip(old_paths, self.ids, strict=True))
+        ids, next_row = [], self.next_row
+        for path in new_paths:
+            if path not in kept:
+                kept[path], next_row = next_row, next_row + 1
+            ids.append(kept[path])
+        return RowIds(tuple(ids), next_row)
+
+
+def rows_problem(ids: Sequence[Any], next_row: Any, count: int | None = None) -> str | None:
+    """What is wrong with row ids (``None`` when nothing): the one check of :class:`RowIds` and ``index.json``."""
+    if not _is_int(next_row):
+        return "given with an integer next_row"
+    if (count is not None and len(ids) != count) or not all(_is_int(row) for row in ids) or len(set(ids)) != len(ids):
+        return "one distinct integer per path"
+    if ids and not (min(ids) >= 0 and max(ids) < next_row):
+        return f"in 0 <= row < next_row ({next_row})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -81,6 +166,8 @@ class SearchHit:
     """Absolute path of the image (index folder root + relative path)."""
     score: float
     """Cosine similarity to the query."""
+    row: int
+    """The image's stable row id (see :meth:`GalleryIndex.position`)."""
 
 
 @dataclass
@@ -100,9 +187,35 @@ class GalleryIndex:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     """Unreadable images ``{"path", "error", "size", "mtime_ns"}``, retried only once they change, and
     symlinks not followed ``{"path", "error"}`` (dangling, looping, leaving the root, or folders)."""
+    row_ids: RowIds | None = None
+    """Stable row id of each entry; ``None`` gives rows ``0 .. N-1`` (a new index)."""
+
+    def __post_init__(self) -> None:
+        if self.row_ids is None:
+            self.row_ids = RowIds.positions(len(self.paths))
+        if len(self.row_ids.ids) != len(self.paths):
+            raise ValueError(f"{len(self.row_ids.ids)} row ids for {len(self.paths)} paths")
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def rows(self) -> list[int]:
+        """The stable row id of each entry, by position (``rows[p]`` is the row of ``paths[p]``)."""
+        return list(self.row_ids.ids)
+
+    @property
+    def next_row(self) -> int:
+        """The row the next new image will get."""
+        return self.row_ids.next_row
+
+    def position(self, row: int) -> int:
+        """The position of ``row`` in :attr:`paths` and :attr:`features`.
+
+        Raises:
+            MissingRowError: the row's image was removed from the gallery (``error.gone``), or the row was never given.
+        """
+        return self.row_ids.position(row)
 
     @classmethod
     def build(
@@ -123,7 +236,8 @@ class GalleryIndex:
         """Encode the images under ``image_dir`` (recursively) and write the index to ``out_dir``.
 
         An existing index in ``out_dir`` made by the same model (method, config, backbone and adapter
-        hashes, image size) is updated incrementally; one made by another model is rebuilt.
+        hashes, image size) is updated incrementally; one made by another model is re-encoded. Either
+        way every image it held keeps its row id.
 
         Args:
             model: the (merged) model the features come from; put on ``device`` by the caller.
@@ -140,6 +254,12 @@ class GalleryIndex:
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         _check_not_holding(out, root)
+        if not root.is_relative_to(out.parent):
+            logger.warning(
+                "the images %s are not inside %s, the folder holding the index: readers must be given the gallery root "
+                "(`upperson search/serve --gallery-root %s`); an index next to its images (the default %s) needs none",
+                root, out.parent, root, root / ".upperson-index",
+            )
         size = tuple(image_size or model.backbone_spec.image_size)
         precision = resolve_precision(precision, torch.device(device))
         metadata = index_metadata(model, size, adapter, config_path, precision)
@@ -147,7 +267,8 @@ class GalleryIndex:
             _check_replaceable(out)
             found = find_images(root, exclude=out)
             current = {path: _file_stat(root / path) for path in found.images}
-            previous, previous_skipped = _reusable_entries(out, root, metadata)
+            old = _previous_index(out)
+            previous, previous_skipped = _reusable_entries(old, out, root, metadata)
             reused = {path: features for path, (features, stat) in previous.items() if current.get(path) == stat}
             still_skipped = [entry for entry in previous_skipped if current.get(entry["path"]) == _stat_of(entry)]
             known = set(reused) | {entry["path"] for entry in still_skipped}
@@ -165,7 +286,8 @@ class GalleryIndex:
             paths = sorted(rows)
             dim = model.backbone_spec.embed_dim
             features = torch.stack([rows[path] for path in paths]) if paths else torch.zeros(0, dim, dtype=torch.float16)
-            index = cls(root, paths, features, {path: current[path] for path in paths}, metadata, skipped)
+            row_ids = _continued_rows(old, root, paths)
+            index = cls(root, paths, features, {path: current[path] for path in paths}, metadata, skipped, row_ids)
             index._write(out)
         return index
 
@@ -195,8 +317,11 @@ class GalleryIndex:
                 "format": INDEX_FORMAT,
                 "format_version": INDEX_FORMAT_VERSION,
                 "image_dir": str(self.image_dir),
+                "feature_dim": int(self.features.shape[1]),
                 "metadata": self.metadata,
                 "paths": self.paths,
+                "rows": self.rows,
+                "next_row": self.next_row,
                 "files": self.files,
                 "skipped": self.skipped,
             }
@@ -215,13 +340,19 @@ class GalleryIndex:
                     _remove_index_folder(folder)
 
     @classmethod
-    def load(cls, out_dir: str | os.PathLike[str]) -> GalleryIndex:
+    def load(cls, out_dir: str | os.PathLike[str], *, gallery_root: str | os.PathLike[str] | None = None) -> GalleryIndex:
         """Read an index directory written by :meth:`build`, checking it thoroughly.
+
+        Args:
+            gallery_root: the folder the gallery's images may be read from; default the folder that
+                holds the index folder (``IMAGES`` for the default ``IMAGES/.upperson-index``). The
+                root ``index.json`` names must lie inside it: the file is never trusted to say so itself.
 
         Raises:
             FileNotFoundError: a file of the index is missing.
-            GalleryIndexError: ``index.json`` is malformed or names files outside the gallery root
-                (tampered), or the features file is corrupt or does not match it.
+            GalleryIndexError: ``index.json`` is malformed, puts the gallery root outside the allowed
+                one or names files outside that root (tampered), or the features file is corrupt, holds
+                NaN/Inf or does not match it.
         """
         out = Path(out_dir)
         index_file, features_file = out / INDEX_FILE, out / FEATURES_FILE
@@ -229,10 +360,12 @@ class GalleryIndex:
             if not required.is_file():
                 raise FileNotFoundError(f"{required} does not exist; build the index with `upperson index`")
         payload = _read_index_file(index_file)
-        root = Path(payload["image_dir"])
-        _check_entries(payload["paths"], root, index_file)
-        features = _read_features(features_file, len(payload["paths"]))
-        return cls(root, payload["paths"], features, payload["files"], payload["metadata"], payload.get("skipped", []))
+        root = _gallery_root(payload["image_dir"], out, gallery_root, index_file)
+        paths = payload["paths"]
+        _check_entries(paths, root, index_file)
+        features = _read_features(features_file, paths, payload.get("feature_dim"))
+        row_ids = RowIds(tuple(payload["rows"]), payload["next_row"]) if payload["format_version"] >= 2 else RowIds.positions(len(paths))
+        return cls(root, paths, features, payload["files"], payload["metadata"], payload.get("skipped", []), row_ids)
 
     def search(
         self,
@@ -256,16 +389,17 @@ class GalleryIndex:
         if top_k < 1:
             raise ValueError(f"search: top_k must be >= 1, got {top_k}")
         query_features = encode_queries(model, queries, torch.device(device), precision)
-        scores, rows = self.rank(query_features, top_k, faiss_threshold=faiss_threshold)
+        scores, positions = self.rank(query_features, top_k, faiss_threshold=faiss_threshold)
+        ids = self.row_ids.ids
         return [
-            [SearchHit(self.image_dir / self.paths[i], float(s)) for s, i in zip(row_scores.tolist(), row_indices.tolist())]
-            for row_scores, row_indices in zip(scores, rows)
+            [SearchHit(self.image_dir / self.paths[p], float(s), ids[p]) for s, p in zip(query_scores.tolist(), query_positions.tolist())]
+            for query_scores, query_positions in zip(scores, positions)
         ]
 
     def rank(
         self, query_features: torch.Tensor, top_k: int, *, faiss_threshold: int = FAISS_THRESHOLD
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows most similar to each query feature by inner product (cosine for unit vectors), exactly.
+        """The entries most similar to each query feature by inner product (cosine for unit vectors), exactly.
 
         Args:
             query_features: ``[Q, D]`` L2-normalised features from the index's model (text or image).
@@ -273,7 +407,8 @@ class GalleryIndex:
             faiss_threshold: use FAISS (exact inner product) for galleries larger than this, if installed.
 
         Returns:
-            ``(scores, rows)``, both ``[Q, min(top_k, len(self))]``, best first.
+            ``(scores, positions)``, both ``[Q, min(top_k, len(self))]``, best first; positions index
+            :attr:`paths` and :attr:`features`, and ``rows[position]`` is an entry's stable row id.
         """
         if top_k < 1:
             raise ValueError(f"search: top_k must be >= 1, got {top_k}")
@@ -397,14 +532,34 @@ _IDENTITY_KEYS = ("method", "config", "backbone_sha256", "adapter_sha256", "imag
 Reusable = tuple[dict[str, tuple[torch.Tensor, dict[str, int]]], list[dict[str, Any]]]
 
 
-def _reusable_entries(out: Path, root: Path, metadata: dict[str, Any]) -> Reusable:
-    """Features (with file stats) and skipped entries of an existing index that a new build may reuse."""
+def _previous_index(out: Path) -> GalleryIndex | None:
+    """The index ``out`` holds before a rebuild, or ``None`` (none, or unreadable).
+
+    It is read with the file system root as its gallery root: the build reads only its features and row
+    ids, never a file through its paths, so a root far from the index folder is fine here.
+    """
     if not (out / INDEX_FILE).exists():
-        return {}, []
+        return None
     try:
-        old = GalleryIndex.load(out)
+        return GalleryIndex.load(out, gallery_root=Path(out.anchor))
     except (OSError, ValueError) as error:
-        logger.warning("existing index in %s is unreadable (%s); rebuilding from scratch", out, error)
+        logger.warning("existing index in %s is unreadable (%s); rebuilding from scratch, rows numbered anew", out, error)
+        return None
+
+
+def _continued_rows(old: GalleryIndex | None, root: Path, paths: list[str]) -> RowIds:
+    """Row ids of the rebuilt index of ``root``: the previous index's rows carried over if it was of ``root``;
+    if it was of another folder, none of its rows is kept and none is given again either."""
+    if old is None:
+        return RowIds.positions(len(paths))
+    if old.image_dir != root:
+        return RowIds((), old.next_row).reassign([], paths)
+    return old.row_ids.reassign(old.paths, paths)
+
+
+def _reusable_entries(old: GalleryIndex | None, out: Path, root: Path, metadata: dict[str, Any]) -> Reusable:
+    """Features (with file stats) and skipped entries of the previous index that a new build may reuse."""
+    if old is None:
         return {}, []
     changed = [key for key in _IDENTITY_KEYS if old.metadata.get(key) != metadata[key]]
     if changed:
@@ -524,25 +679,46 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _gallery_root(stored: str, out: Path, gallery_root: str | os.PathLike[str] | None, index_file: Path) -> Path:
+    """The resolved root ``index.json`` names, refused unless it lies inside the allowed root: ``gallery_root``
+    when given, else the folder holding the index folder (never a folder the file itself names)."""
+    root = Path(stored).resolve()
+    if gallery_root is not None:
+        allowed, what = Path(gallery_root).resolve(), "the allowed gallery root"
+    else:
+        allowed, what = out.resolve().parent, "the folder holding the index"
+    if root.is_relative_to(allowed):
+        return root
+    fix = (
+        f"if the images really are in {root}, load the index with gallery_root={root} (`--gallery-root {root}`), else {_REBUILD}"
+        if gallery_root is None
+        else f"give the --gallery-root (gallery_root) that holds the images, or {_REBUILD}"
+    )
+    raise GalleryIndexError(f"tampered or invalid {index_file}: its gallery root {root} is outside {allowed} ({what}); {fix}")
+
+
 def _read_index_file(index_file: Path) -> dict[str, Any]:
-    """``index.json`` as a dict whose fields have the types :meth:`GalleryIndex._write` gives them."""
+    """``index.json`` as a dict whose fields have the types and bounds :meth:`GalleryIndex._write` gives them."""
     try:
         payload = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise GalleryIndexError(f"{index_file}: not valid JSON ({error}); {_REBUILD}") from error
+    except RecursionError:
+        raise GalleryIndexError(f"{index_file}: nested too deeply to be an index (not written by upperson); {_REBUILD}") from None
     if not isinstance(payload, dict):
         raise GalleryIndexError(f"{index_file}: must be a JSON object, got {type(payload).__name__}; {_REBUILD}")
     if payload.get("format") != INDEX_FORMAT:
-        raise GalleryIndexError(f"{index_file}: not an upperson gallery index (format {payload.get('format')!r})")
+        raise GalleryIndexError(f"{index_file}: not an upperson gallery index (format {reprlib.repr(payload.get('format'))})")
     version = payload.get("format_version")
-    if not _is_int(version) or version > INDEX_FORMAT_VERSION:
+    if not _is_int(version) or not 1 <= version <= INDEX_FORMAT_VERSION:
         raise GalleryIndexError(
-            f"{index_file}: format version {version!r} is not one this upperson reads (<= {INDEX_FORMAT_VERSION}): "
+            f"{index_file}: format version {reprlib.repr(version)} is not one this upperson reads (1 to {INDEX_FORMAT_VERSION}): "
             f"written by a newer upperson? upgrade upperson or {_REBUILD}"
         )
     paths, files, skipped = payload.get("paths"), payload.get("files"), payload.get("skipped", [])
+    image_dir = payload.get("image_dir")
     checks = [
-        ("image_dir", isinstance(payload.get("image_dir"), str) and Path(payload["image_dir"]).is_absolute(), "be an absolute path"),
+        ("image_dir", isinstance(image_dir, str) and Path(image_dir).is_absolute() and not _UNSAFE_CHARACTER.search(image_dir), "be an absolute path"),
         ("metadata", isinstance(payload.get("metadata"), dict), "be an object"),
         ("paths", isinstance(paths, list) and all(isinstance(path, str) for path in paths), "be a list of strings"),
         ("files", isinstance(files, dict), "be an object"),
@@ -559,31 +735,82 @@ def _read_index_file(index_file: Path) -> dict[str, Any]:
             'be a list of {"path", "error"} objects',
         ),
     ]
+    if version >= 2:
+        rows, next_row = payload.get("rows"), payload.get("next_row")
+        checks += [
+            ("feature_dim", _is_int(payload.get("feature_dim")) and payload["feature_dim"] >= 1, "be an integer >= 1"),
+            ("next_row", _is_int(next_row) and next_row >= 0, "be an integer >= 0"),
+            ("rows", isinstance(rows, list), "be a list of integers"),
+        ]
     for name, ok, expectation in checks:
         if not ok:
             raise GalleryIndexError(f"{index_file}: field '{name}' must {expectation}; {_REBUILD}")
+    if version >= 2:
+        problem = rows_problem(payload["rows"], payload["next_row"], len(paths))
+        if problem is not None:
+            raise GalleryIndexError(f"{index_file}: field 'rows' must be {problem}; {_REBUILD}")
+    _check_metadata(payload["metadata"], index_file)
     return payload
+
+
+def _check_metadata(metadata: dict[str, Any], index_file: Path) -> None:
+    """The model identity :func:`model_from_index` and serve rebuild the query encoder from: every field
+    present, typed, and ``image_size`` within what a model can be built at."""
+    size = metadata.get("image_size")
+    checks = [
+        ("method", metadata.get("method") in METHODS, f"be a method name ({', '.join(sorted(METHODS))})"),
+        ("config", metadata.get("config") is None or isinstance(metadata.get("config"), dict), "be an object or null"),
+        ("backbone_source", isinstance(metadata.get("backbone_source"), str), "be a string"),
+        ("backbone_sha256", _is_sha256(metadata.get("backbone_sha256")), "be a SHA-256 (64 hex digits)"),
+        ("adapter", metadata.get("adapter") is None or isinstance(metadata.get("adapter"), str), "be a string or null"),
+        ("adapter_sha256", metadata.get("adapter_sha256") is None or _is_sha256(metadata.get("adapter_sha256")), "be a SHA-256 or null"),
+        (
+            "image_size",
+            isinstance(size, list) and len(size) == 2 and all(_is_int(side) and 1 <= side <= MAX_IMAGE_SIDE for side in size),
+            f"be two integers in 1..{MAX_IMAGE_SIDE} (height, width)",
+        ),
+        ("precision", metadata.get("precision") in PRECISIONS, f"be one of {', '.join(PRECISIONS)}"),
+    ]
+    for name, ok, expectation in checks:
+        if not ok:
+            shown = reprlib.repr(metadata.get(name)) if name in metadata else "nothing (missing)"
+            raise GalleryIndexError(f"{index_file}: field 'metadata.{name}' must {expectation}, got {shown}; {_REBUILD}")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
 def _check_entries(paths: list[str], root: Path, index_file: Path) -> None:
-    """Every path must be relative, free of ``..`` and resolve (symlinks followed) inside ``root``.
+    """Every path must be what :func:`find_images` records: relative, normalised, free of ``..``, hidden
+    parts and control characters, with an image suffix, and resolve (symlinks followed) inside ``root``.
 
     Each folder is resolved once and each file only when it is a symlink: one ``lstat`` per image.
     """
     real_root = root.resolve()
     folder_inside: dict[str, bool] = {}
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
     for number, path in enumerate(paths):
         problem = None
+        unsafe = _UNSAFE_CHARACTER.search(path)
+        parts = path.replace(os.sep, "/").split("/")
         if not path:
             problem = "is empty"
+        elif unsafe is not None:
+            surrogate = "\ud800" <= unsafe.group() <= "\udfff"
+            problem = "contains an unpaired surrogate" if surrogate else f"contains a control character ({unsafe.group()!r})"
         elif path.startswith("/") or os.path.isabs(path):
             problem = "is absolute"
-        elif ".." in path.replace(os.sep, "/").split("/"):
+        elif ".." in parts:
             problem = "contains '..'"
+        elif any(part.startswith(".") or not part for part in parts):
+            problem = "has a hidden component or an empty one (the index never records those)"
+        elif Path(path).suffix.lower() not in IMAGE_SUFFIXES:
+            problem = f"is not an image file ({suffixes})"
         else:
             folder = path.rpartition("/")[0]
             if folder not in folder_inside:
@@ -592,10 +819,11 @@ def _check_entries(paths: list[str], root: Path, index_file: Path) -> None:
             if not folder_inside[folder] or (os.path.islink(file) and not Path(file).resolve().is_relative_to(real_root)):
                 problem = f"resolves outside the gallery {real_root} (a symlink?)"
         if problem is not None:
-            raise GalleryIndexError(f"tampered or invalid {index_file}: entry {number} path {path!r} {problem}; {_REBUILD}")
+            raise GalleryIndexError(f"tampered or invalid {index_file}: entry {number} path {reprlib.repr(path)} {problem}; {_REBUILD}")
 
 
-def _read_features(features_file: Path, rows: int) -> torch.Tensor:
+def _read_features(features_file: Path, paths: list[str], feature_dim: int | None) -> torch.Tensor:
+    """The ``[N, D]`` features, one finite row per path (and ``D`` = ``feature_dim`` when index.json records it)."""
     try:
         tensors = load_file(str(features_file))
     except (SafetensorError, OSError, ValueError) as error:
@@ -607,8 +835,19 @@ def _read_features(features_file: Path, rows: int) -> torch.Tensor:
         raise GalleryIndexError(
             f"{features_file}: 'features' must be a [N, D] matrix, got shape {tuple(features.shape)} of {features.dtype}; {_REBUILD}"
         )
-    if features.shape[0] != rows:
-        raise GalleryIndexError(f"{features_file}: {features.shape[0]} feature rows but {rows} paths in {INDEX_FILE}; {_REBUILD}")
+    if features.shape[0] != len(paths):
+        raise GalleryIndexError(f"{features_file}: {features.shape[0]} feature rows but {len(paths)} paths in {INDEX_FILE}; {_REBUILD}")
+    if feature_dim is not None and features.shape[1] != feature_dim:
+        raise GalleryIndexError(
+            f"{features_file}: features of {features.shape[1]} dimensions but {INDEX_FILE} records {feature_dim}; {_REBUILD}"
+        )
+    for start in range(0, len(features), _FEATURE_CHECK_ROWS):
+        finite = torch.isfinite(features[start : start + _FEATURE_CHECK_ROWS]).all(dim=1)
+        if not finite.all():
+            entry = start + int((~finite).nonzero()[0, 0])
+            raise GalleryIndexError(
+                f"{features_file}: the features of entry {entry} ({paths[entry]!r}) hold NaN or infinite values; {_REBUILD}"
+            )
     return features
 
 
