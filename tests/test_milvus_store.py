@@ -15,9 +15,19 @@ from milvus_server import free_port, milvus_lite_command, milvus_lite_server  # 
 
 from upperson.retrieval.filters import FilterError, parse_filter  # noqa: E402
 from upperson.retrieval.gallery import index_metadata  # noqa: E402
-from upperson.retrieval.metadata import MetadataSchema, MetadataTable, NumericColumn, StringColumn, parse_timestamp  # noqa: E402
+from upperson.retrieval.metadata import (  # noqa: E402
+    RESERVED_NAMES,
+    MetadataSchema,
+    MetadataTable,
+    NumericColumn,
+    StringColumn,
+    parse_timestamp,
+)
 from upperson.retrieval.milvus_store import (  # noqa: E402
+    PATH_FIELD,
+    ROW_FIELD,
     TOKEN_VARIABLE,
+    VECTOR_FIELD,
     MilvusGallery,
     MilvusStoreError,
     _reads_templates,
@@ -128,6 +138,10 @@ def test_parse_milvus_uri_refusals(uri: str, message: str) -> None:
     with pytest.raises(MilvusStoreError) as caught:
         parse_milvus_uri(uri)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_store_fields_are_reserved_from_metadata() -> None:
+    assert {ROW_FIELD, VECTOR_FIELD, PATH_FIELD} <= RESERVED_NAMES  # no metadata field can take their names
 
 
 @pytest.mark.parametrize(("version", "templates"), [

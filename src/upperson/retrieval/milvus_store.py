@@ -15,7 +15,7 @@ The collection's schema:
 
 * ``row``: ``INT64`` primary key, the caller's stable row id (not an auto id; an insert of a row that
   exists replaces it);
-* ``embedding``: ``FLOAT_VECTOR`` of the model's dimension, searched by inner product (``IP``), which
+* ``vector``: ``FLOAT_VECTOR`` of the model's dimension, searched by inner product (``IP``), which
   is the cosine similarity of the L2-normalised features;
 * ``path``: ``VARCHAR`` (at most 4096 bytes of UTF-8), the image path relative to the gallery root;
 * one nullable field per metadata field: ``int`` → ``INT64``, ``float`` → ``DOUBLE``, ``string`` →
@@ -65,7 +65,8 @@ TOKEN_VARIABLE = "UPPERSON_MILVUS_TOKEN"
 URI_FORM = "milvus://HOST:PORT/COLLECTION"
 STORE_FORMAT = "upperson-milvus-gallery"
 STORE_FORMAT_VERSION = 1
-ROW_FIELD, VECTOR_FIELD, PATH_FIELD = "row", "embedding", "path"
+ROW_FIELD, VECTOR_FIELD, PATH_FIELD = "row", "vector", "path"
+"""The store's own fields: names :data:`~upperson.retrieval.metadata.RESERVED_NAMES` keeps from metadata."""
 MAX_PATH_BYTES = 4096
 MAX_STRING_BYTES = 65_535
 """Longest metadata string (UTF-8 bytes) a ``VARCHAR`` field holds."""
