@@ -638,13 +638,12 @@ def _build(source: Path, records: Iterable[tuple[int, dict[str, Raw]]], header: 
             raise MetadataError(f"{where}: no path")
         if isinstance(record[PATH_FIELD], _JsonNumber):
             raise MetadataError(f"{where}: path must be a string, got {record[PATH_FIELD]}")
+        for name in record:
+            if name != PATH_FIELD and name not in raw:  # a field first seen here: null in the earlier rows
+                raw[name] = [None] * len(paths)
         paths.append(check_relative_path(record[PATH_FIELD], where))
-        for name, value in record.items():
-            if name != PATH_FIELD:
-                raw.setdefault(name, [None] * (len(paths) - 1)).append(value)
         for name, column in raw.items():
-            if len(column) < len(paths):
-                column.append(None)
+            column.append(record.get(name))
         lines.append(line)
     for name in header:
         raw.setdefault(name, [None] * len(paths))
@@ -684,18 +683,15 @@ def _infer(values: list[Raw], typed_json: bool) -> FieldType:
     present = [value for value in values if value is not None]
     if not present:
         return "string"
-    if typed_json:
-        if all(isinstance(value, _JsonNumber) for value in present):
-            return "int" if all(value.integral for value in present) else "float"
-        numbers = False
-    else:
+    if typed_json and all(isinstance(value, _JsonNumber) for value in present):
+        return "int" if all(value.integral for value in present) else "float"
+    if not typed_json:
         text = [value.strip() for value in present]
         if all(_INT.fullmatch(value) for value in text):
             return "int"
-        numbers = all(_FLOAT.fullmatch(value) for value in text)
-        if numbers:
+        if all(_FLOAT.fullmatch(value) for value in text):
             return "float"
-    if not numbers and all(not isinstance(value, _JsonNumber) and looks_like_timestamp(value) for value in present):
+    if all(not isinstance(value, _JsonNumber) and looks_like_timestamp(value) for value in present):
         return "timestamp"
     return "string"
 
