@@ -9,6 +9,7 @@ checkpoint file like any user's CLIP; the demo reports chance, that backbone zer
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,12 @@ from upperson.visualize import save_retrieval_figure
 DEMO_IMAGE_SIZE = (128, 48)
 """8 x 3 patches of 16 pixels: pedestrian aspect ratio, cheap enough for a 2-core CPU."""
 FIGURE_QUERIES = 6
+GALLERY_DIR = "gallery"
+"""Inside the demo's run directory: a copy of the held-out images. An index may read images only beside
+it (inside the folder that holds the index), so the gallery the demo serves lives in the run
+directory too, not in the shared dataset cache."""
 GALLERY_INDEX_DIR = "gallery-index"
-"""Inside the demo's run directory: the held-out images indexed for ``upperson search`` / ``upperson serve``."""
+"""Inside the demo's run directory: :data:`GALLERY_DIR` indexed for ``upperson search`` / ``upperson serve``."""
 DEMO_EPOCHS = 14
 
 
@@ -111,9 +116,11 @@ def run_demo(run_dir: Path, data_dir: Path, epochs: int | None = None, progress:
         [[split.image_paths[g] for g in row.tolist()] for row in top],
         [[bool(image_pids[g] == text_pids[q]) for g in row.tolist()] for q, row in zip(queries, top)],
     )
+    gallery = run_dir / GALLERY_DIR  # the run directory is new (a previous demo was moved aside)
+    shutil.copytree(Path(config.data.root) / "CUHK-PEDES" / "imgs" / "test_query", gallery)
     GalleryIndex.build(
         model,
-        Path(config.data.root) / "CUHK-PEDES" / "imgs" / "test_query",
+        gallery,
         run_dir / GALLERY_INDEX_DIR,
         adapter=result.best_adapter,
         config_path=run_dir / CONFIG_FILE,
