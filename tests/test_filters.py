@@ -235,6 +235,9 @@ def test_a_filter_for_another_schema_is_refused(tmp_path: Path) -> None:
         parse_filter({"track": 1}, SCHEMA).mask(metadata.table)
     with pytest.raises(FilterError, match='^filter field "confidence": .* has no such field;'):
         parse_filter({"confidence": 1}, SCHEMA).mask(metadata.table)
+    with pytest.raises(FilterError, match='^filter field "confidence": .* has no such field;'):
+        parse_filter({"confidence": 1}, SCHEMA).check(metadata.schema)
+    parse_filter({"track": 1}, SCHEMA).check(SCHEMA)
 
 
 def test_hand_built_conditions_are_checked() -> None:

@@ -85,13 +85,17 @@ class Condition:
         """The value(s) tested: one for a comparison, the list for ``in``."""
         return self.value if isinstance(self.value, tuple) else (self.value,)
 
-    def mask(self, table: MetadataTable) -> np.ndarray:
-        """``bool`` per row of ``table``: whether the row's value passes (null never does)."""
-        if self.field not in table.schema or table.schema.type_of(self.field) != self.type:
-            have = table.schema.as_dict().get(self.field)
+    def check(self, schema: MetadataSchema) -> None:
+        """Raise :class:`FilterError` unless ``schema`` has this field with this type."""
+        have = schema.as_dict().get(self.field)
+        if have != self.type:
             raise FilterError(f"filter field {show_value(self.field)}: the filter is for {_a(self.type)} field but the "
                               f"metadata {'has no such field' if have is None else f'holds {_a(have)} field'}; "
                               "parse the filter against this gallery's schema")
+
+    def mask(self, table: MetadataTable) -> np.ndarray:
+        """``bool`` per row of ``table``: whether the row's value passes (null never does)."""
+        self.check(table.schema)
         column = table.columns[self.field]
         if not isinstance(column, NumericColumn):
             known = [column.code_of[value] for value in self.values if value in column.code_of]
@@ -153,6 +157,14 @@ class Filter:
     def fields(self) -> tuple[str, ...]:
         """The fields tested, in order."""
         return tuple(dict.fromkeys(condition.field for condition in self.conditions))
+
+    def check(self, schema: MetadataSchema) -> None:
+        """Raise :class:`FilterError` unless every field tested is in ``schema`` with its parsed type.
+
+        Catches a filter parsed for one gallery and used on another; :meth:`mask` calls it.
+        """
+        for condition in self.conditions:
+            condition.check(schema)
 
     def mask(self, table: MetadataTable) -> np.ndarray:
         """``bool`` per row of ``table``: the rows that pass every condition (vectorised over the columns)."""
