@@ -10,6 +10,16 @@ import torch
 import torch.nn.functional as F
 from conftest import SMALL_IMAGE, make_model, randomise_petl, sample_batch
 
+from numerics import (
+    assert_paths_within_rounding,
+    assert_within_bound,
+    elementwise_rounding_bound,
+    features,
+    model_sensitivity,
+    tower_rounding_stages,
+    training_step,
+    training_step_with_gradients,
+)
 import upperson
 from upperson.backbone import load_backbone
 from upperson.backbone.loading import BackboneSpec
@@ -78,18 +88,24 @@ def assert_gradients_exactly_on_trainable(model: upperson.RetrievalModel) -> Non
 
 
 @pytest.fixture(scope="module")
-def clip_features() -> tuple[torch.Tensor, torch.Tensor]:
+def clip_features() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """Frozen CLIP's fp32 features, and its float64 features with their rounding sensitivity (tests/numerics.py)."""
     clip = load_backbone("tiny", SMALL_IMAGE).clip
     images, ids, _ = sample_batch(batch=2)
+    inputs = {"images": images, "ids": ids}
+    exact, sensitivity = model_sensitivity(clip, features, inputs)
     with torch.no_grad():
-        return clip.encode_image(images), clip.encode_text(ids)
+        return features(clip, inputs), exact, sensitivity
 
 
-def assert_equals_frozen_clip(model: upperson.RetrievalModel, clip_features: tuple[torch.Tensor, torch.Tensor]) -> None:
+def assert_equals_frozen_clip(model: upperson.RetrievalModel, clip_features) -> None:
+    """The PETL terms add exact zeros (or W' = m ⊙ W0/‖W0‖ with m = ‖W0‖), but the attention backend and the
+    exact shortcuts are other fp32 kernels: ours and open_clip's within ROUNDING_STAGES x S of CLIP in float64."""
+    clip, exact, sensitivity = clip_features
     images, ids, _ = sample_batch(batch=2)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), clip_features[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.encode_text(ids), clip_features[1], rtol=1e-5, atol=1e-5)
+        ours = features(model, {"images": images, "ids": ids})
+    assert_paths_within_rounding({"ours": ours, "open_clip": clip}, exact, sensitivity)
 
 
 @pytest.mark.parametrize("placement", list(SITES))
@@ -159,7 +175,11 @@ def test_block_wiring_matches_the_written_out_formula(placement: str) -> None:
     with torch.no_grad():
         mid = reference_sublayer(mha_site, x, plain_norms.ln_1, attend, site_module(block, mha_site, "ln_1", "mha"))
         expected = reference_sublayer(mlp_site, mid, plain_norms.ln_2, block.mlp, site_module(block, mlp_site, "ln_2", "mlp"))
-        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+        ours = block(x)
+    # both fp32 computations within tower_rounding_stages(1) x S of the block in float64
+    exact, sensitivity = model_sensitivity(block, lambda module, inputs: {"block": module(inputs["x"])}, {"x": x})
+    paths = {"block": {"block": ours}, "written-out formula": {"block": expected}}
+    assert_paths_within_rounding(paths, exact, sensitivity, stages=tower_rounding_stages(1))
 
 
 def test_sublayer_adapters_work_with_gradient_checkpointing() -> None:
@@ -173,9 +193,10 @@ def test_sublayer_adapters_work_with_gradient_checkpointing() -> None:
     model.clip.set_grad_checkpointing(True)
     checkpointed = model.encode_text(ids).sum()
     checkpointed.backward()
-    torch.testing.assert_close(checkpointed, plain)
+    # recomputing a forward runs the same kernels on the same inputs: bit-identical values and gradients
+    assert torch.equal(checkpointed, plain)
     for name, grad in grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad)
+        assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
 
 
 def dora_expected_params(spec: BackboneSpec) -> int:
@@ -192,7 +213,7 @@ def test_dora_counts_gradients_and_init(clip_features) -> None:
     width = model.backbone_spec.vision_width
     frozen_kv = attention.in_proj_weight[width:].detach()
     magnitudes = torch.cat([attention.lora.key_magnitude, attention.lora.value_magnitude]).detach()
-    torch.testing.assert_close(magnitudes, frozen_kv.norm(dim=1))  # one norm per output row, over the input dim
+    assert torch.equal(magnitudes, frozen_kv.norm(dim=1))  # one norm per output row, over the input dim: the same kernel
 
     assert_equals_frozen_clip(model, clip_features)  # m = ‖W0‖ and B = 0: W' = W0
 
@@ -211,7 +232,7 @@ def hand_dora_attention(attention: PETLAttention, x: torch.Tensor) -> torch.Tens
     for index, (delta, magnitude) in enumerate(((dora.key, dora.key_magnitude), (dora.value, dora.value_magnitude)), start=1):
         direction = attention.in_proj_weight[index * width : (index + 1) * width] + delta.scale * delta.lora_b @ delta.lora_a
         rows.append(magnitude[:, None] * direction / direction.norm(dim=1, keepdim=True))
-    reference = torch.nn.MultiheadAttention(width, attention.num_heads, batch_first=True)
+    reference = torch.nn.MultiheadAttention(width, attention.num_heads, batch_first=True, dtype=x.dtype)
     with torch.no_grad():
         reference.in_proj_weight.copy_(torch.cat(rows))
         reference.in_proj_bias.copy_(attention.in_proj_bias)
@@ -226,7 +247,23 @@ def test_dora_matches_the_hand_computed_weight(backend: str) -> None:
     attention = model.clip.visual.transformer.resblocks[2].attn
     x = torch.randn(2, 5, model.backbone_spec.vision_width)
     with torch.no_grad():
-        torch.testing.assert_close(attention(x, x, x)[0], hand_dora_attention(attention, x), rtol=1e-5, atol=1e-5)
+        paths = {"ours": {"out": attention(x, x, x)[0]}, "hand-computed weight": {"out": hand_dora_attention(attention, x)}}
+    exact, sensitivity = model_sensitivity(attention, lambda module, inputs: {"out": module(*[inputs["x"]] * 3)[0]}, {"x": x})
+    assert_paths_within_rounding(paths, exact, sensitivity, stages=tower_rounding_stages(1))  # one attention: < one block
+
+
+def dora_unmerge_bound(attention: PETLAttention, weight_before: torch.Tensor) -> torch.Tensor:
+    """Rounding bound of ``W0 -> W' = (W0 + ΔW)·(m/n) -> W'·(n/m) - ΔW`` (the same ``ΔW`` and ``n`` both ways).
+
+    Six roundings to first order, each of a value of at most ``|W0| + |ΔW|``: the sum, m/n, the
+    product, n/m, the product, the difference. The Q rows are copied: bound 0.
+    """
+    dora = attention.lora
+    with torch.no_grad():
+        delta = torch.cat([torch.zeros_like(dora.key.weight()), dora.key.weight(), dora.value.weight()])
+    bound = elementwise_rounding_bound(weight_before.abs() + delta.abs(), roundings=6)
+    bound[: weight_before.shape[1]] = 0.0
+    return bound
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
@@ -234,19 +271,20 @@ def test_dora_merged_equals_unmerged(backend: str) -> None:
     model = make_model(lora_type="dora", attention_backend=backend)
     randomise_petl(model)
     images, ids, _ = sample_batch(batch=2)
-    weight_before = model.clip.visual.transformer.resblocks[0].attn.in_proj_weight.detach().clone()
+    inputs = {"images": images, "ids": ids}
+    attention = model.clip.visual.transformer.resblocks[0].attn
+    weight_before = attention.in_proj_weight.detach().clone()
+    exact, sensitivity = model_sensitivity(model, features, inputs)
     with torch.no_grad():
-        unmerged = model(images, ids)
+        unmerged = features(model, inputs)
         model.merge_lora()
         assert model.lora_merged
-        merged = model(images, ids)
+        merged = features(model, inputs)
         model.unmerge_lora()
-        again = model(images, ids)
-    for a, b, c in zip(unmerged, merged, again):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
-    restored = model.clip.visual.transformer.resblocks[0].attn.in_proj_weight
-    torch.testing.assert_close(restored, weight_before, rtol=0, atol=1e-6)
+        again = features(model, inputs)
+    # all three within ROUNDING_STAGES x S of the float64 features (unmerging leaves W0 a few roundings off: an input rounding)
+    assert_paths_within_rounding({"unmerged": unmerged, "merged": merged, "unmerged again": again}, exact, sensitivity)
+    assert_within_bound(attention.in_proj_weight, weight_before, dora_unmerge_bound(attention, weight_before), "unmerged in_proj_weight")
 
 
 def test_dora_fused_equals_explicit_in_gradients() -> None:
@@ -255,14 +293,11 @@ def test_dora_fused_equals_explicit_in_gradients() -> None:
     explicit = make_model(lora_type="dora", adapter=False, attention_backend="explicit")
     explicit.load_state_dict(fused.state_dict())
     images, ids, pids = sample_batch(batch=2)
-    grads = []
-    for model in (fused, explicit):
-        upperson.losses.sdm_loss(*model(images, ids), pids).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name, grad in grads[0].items():
-        scale = max(1.0, grads[1][name].abs().max().item())
-        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-5 * scale)
+    inputs = {"images": images, "ids": ids, "pids": pids}
+    paths = {"fused": training_step_with_gradients(fused, inputs), "explicit": training_step_with_gradients(explicit, inputs)}
+    # both within ROUNDING_STAGES x S of the float64 features, loss and every gradient
+    exact, sensitivity = model_sensitivity(explicit, training_step, inputs, gradients_of="loss")
+    assert_paths_within_rounding(paths, exact, sensitivity)
 
 
 @pytest.mark.parametrize(
@@ -319,7 +354,9 @@ def test_vanilla_prefix_and_s_prefix_lambdas_of_table_vii(lambda_init: float, le
         scale[5:] = prefix.attention_scale  # S-Prefix: λ on the prefix columns after the softmax, no renormalising
     out = ((probs * scale) @ split(values)).transpose(1, 2).reshape(2, 5, width)
     with torch.no_grad():
-        torch.testing.assert_close(attention(x, x, x)[0], attention.out_proj(out), rtol=1e-5, atol=1e-5)
+        paths = {"ours": {"out": attention(x, x, x)[0]}, "written-out formula": {"out": attention.out_proj(out)}}
+    exact, sensitivity = model_sensitivity(attention, lambda module, inputs: {"out": module(*[inputs["x"]] * 3)[0]}, {"x": x})
+    assert_paths_within_rounding(paths, exact, sensitivity, stages=tower_rounding_stages(1))  # one attention: < one block
 
     images, ids, pids = sample_batch(batch=2)
     upperson.losses.sdm_loss(*model(images, ids), pids).backward()
