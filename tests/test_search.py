@@ -15,7 +15,7 @@ from PIL import Image
 
 import upperson
 from conftest import SMALL_IMAGE, randomise_petl
-from upperson.cli import main
+from upperson.cli import format_hits_table, main
 from upperson.config import DataConfig, EvalConfig, RunConfig, TrainConfig, save_config
 from upperson.data.transforms import build_transforms
 from upperson.retrieval.gallery import FEATURES_FILE, INDEX_FILE, GalleryIndex, SearchHit, model_from_index
@@ -193,6 +193,31 @@ def test_cli_index_and_search(tmp_path: Path, run: tuple[Path, Path], gallery: P
         layout = FigureLayout()
         assert image.size == layout.size(2, 3, (128, 48))
         assert image.convert("RGB").getpixel(layout.cell_origin(1, 2, (128, 48))) == NEUTRAL_COLOUR
+
+
+def test_cli_search_table_shows_file_names_that_cannot_lie_on_screen(
+    tmp_path: Path, run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, adapter = run
+    gallery = tmp_path / "gallery"
+    _block_image(gallery / "\u202egnp.exe.png", 1)  # U+202E shows the name reversed, as "png.exe.png"
+    _block_image(gallery / "plain.png", 2)
+    out = tmp_path / "index"
+    assert main(["index", "--config", str(config), "--adapter", str(adapter), "--images", str(gallery), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["search", str(out), "a person", "--top-k", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "\\u202egnp.exe.png" in printed and "\u202e" not in printed and "plain.png" in printed
+
+
+def test_hits_table_escapes_undecodable_bytes_and_controls(tmp_path: Path) -> None:
+    root = tmp_path / "gallery"
+    names = [os.fsdecode(b"caf\xe9.png"), "sub/\u2066x\u200b.png", "ok/Zo\u00eb.png"]
+    hits = [SearchHit(root / name, 0.5, row) for row, name in enumerate(names)]
+    table = format_hits_table(hits, root)
+    lines = table.splitlines()[1:]
+    assert [line.split()[-1] for line in lines] == ["caf\\xe9.png", "sub/\\u2066x\\u200b.png", "ok/Zo\u00eb.png"]
+    table.encode("utf-8")  # no lone surrogate left to break a terminal or a pipe
 
 
 def test_cli_search_missing_adapter_fails_clearly(tmp_path: Path, run: tuple[Path, Path], gallery: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -97,11 +97,21 @@ def _expected_text(index_dir: Path, query: str, top_k: int) -> list[tuple[str, f
 
 
 def _expected_row(index_dir: Path, row: int, top_k: int) -> list[int]:
-    """Brute force over the stored features: rows by cosine to ``row``'s feature, itself left out."""
-    features = F.normalize(GalleryIndex.load(index_dir).features.float(), dim=-1)
-    scores = features @ features[row]
-    order = [int(i) for i in scores.argsort(descending=True) if int(i) != row]
+    """Brute force over the stored features: row ids by cosine to ``row``'s feature, itself left out."""
+    index = GalleryIndex.load(index_dir)
+    features = F.normalize(index.features.float(), dim=-1)
+    scores = features @ features[index.position(row)]
+    order = [index.rows[int(i)] for i in scores.argsort(descending=True) if index.rows[int(i)] != row]
     return order[:top_k]
+
+
+def _row_of(index: GalleryIndex, path: str) -> int:
+    """The stable row id of the image at ``path``."""
+    return index.rows[index.paths.index(path)]
+
+
+def _path_of(index: GalleryIndex, row: int) -> str:
+    return index.paths[index.position(row)]
 
 
 def _assert_hits_equal(hits: list[dict], expected: list[tuple[str, float]]) -> None:
@@ -124,7 +134,7 @@ def test_rankings_equal_gallery_search_for_every_scenario(served: Served, client
         _assert_hits_equal(body["hits"], expected[(name, query)])
         for hit in body["hits"]:
             index = served.scenarios[name].index
-            assert index.paths[hit["row"]] == hit["path"] and (hit["width"], hit["height"]) == (24, 48)
+            assert _path_of(index, hit["row"]) == hit["path"] and (hit["width"], hit["height"]) == (24, 48)
 
 
 def test_one_model_object_for_scenarios_of_one_structure(served: Served) -> None:
@@ -175,10 +185,10 @@ def test_uploaded_image_is_encoded_with_the_scenarios_model(served: Served, clie
     body = response.json()
     assert body["filename"] == "query.png" and body["row"] is None
     features = encode_images(model_from_index(index), [read_image(path)], SMALL_IMAGE, torch.device("cpu"))
-    scores, rows = index.rank(features, 3)
-    assert [hit["row"] for hit in body["hits"]] == rows[0].tolist()
+    scores, positions = index.rank(features, 3)
+    assert [hit["row"] for hit in body["hits"]] == [index.rows[position] for position in positions[0].tolist()]
     assert [hit["score"] for hit in body["hits"]] == pytest.approx(scores[0].tolist(), abs=1e-5)
-    assert body["hits"][0]["row"] == 5 and body["hits"][0]["score"] > 0.99  # the gallery's own copy of it
+    assert body["hits"][0]["row"] == index.rows[5] and body["hits"][0]["score"] > 0.99  # the gallery's own copy of it
 
 
 def test_32_parallel_requests_all_get_their_own_answer(served: Served, client: TestClient) -> None:
@@ -193,7 +203,7 @@ def test_32_parallel_requests_all_get_their_own_answer(served: Served, client: T
     expected = [
         [path for path, _ in _expected_text(folders[body["scenario"]], body["query"], 5)]
         if "query" in body
-        else [served.scenarios[body["scenario"]].index.paths[row] for row in _expected_row(folders[body["scenario"]], body["row"], 5)]
+        else [_path_of(served.scenarios[body["scenario"]].index, row) for row in _expected_row(folders[body["scenario"]], body["row"], 5)]
         for _, body in requests
     ]
     with ThreadPoolExecutor(max_workers=32) as pool:
@@ -236,7 +246,7 @@ def test_images_and_thumbnails_by_row(served: Served, client: TestClient) -> Non
     index = served.scenarios["a"].index
     full = client.get("/api/images/a/3")
     assert full.status_code == 200 and full.headers["content-type"] == "image/png"
-    assert full.content == (index.image_dir / index.paths[3]).read_bytes()
+    assert full.content == (index.image_dir / _path_of(index, 3)).read_bytes()
     thumbnail = client.get("/api/images/a/3/thumbnail")
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     with Image.open(io.BytesIO(thumbnail.content)) as image:
@@ -249,7 +259,7 @@ def test_large_gallery_images_get_bounded_thumbnails(tmp_path: Path, served: Ser
     Image.new("RGB", (1200, 2400), (90, 10, 10)).save(gallery / "big.jpg")
     index = _index(served.root / "run-a" / "best.safetensors", gallery, tmp_path / "index")
     client = TestClient(create_app([ScenarioSpec("big", index)]))
-    row = GalleryIndex.load(index).paths.index("big.jpg")
+    row = _row_of(GalleryIndex.load(index), "big.jpg")
     hits = client.post("/api/search", json={"scenario": "big", "query": "red", "top_k": 2}).json()["hits"]
     assert {(hit["path"], hit["width"], hit["height"]) for hit in hits} == {("big.jpg", 1200, 2400), ("small.png", 24, 48)}
     with Image.open(io.BytesIO(client.get(f"/api/images/big/{row}/thumbnail").content)) as image:
@@ -379,7 +389,7 @@ def test_image_swapped_for_a_symlink_out_of_the_gallery_is_not_served(tmp_path: 
     client = TestClient(create_app([ScenarioSpec("s", index)]))
     outside = tmp_path / "outside.png"
     _block_image(outside, 9)
-    row = GalleryIndex.load(index).paths.index("p01.png")
+    row = _row_of(GalleryIndex.load(index), "p01.png")
     assert client.get(f"/api/images/s/{row}").status_code == 200
     (gallery / "p01.png").unlink()
     (gallery / "p01.png").symlink_to(outside)

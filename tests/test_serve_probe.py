@@ -57,7 +57,8 @@ class Hostile:
     scenarios: Scenarios
 
     def row(self, path: str) -> int:
-        return self.scenarios["h"].index.paths.index(path)
+        index = self.scenarios["h"].index
+        return index.rows[index.paths.index(path)]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,8 @@ def test_png_html_polyglot_behind_a_png_symlink_is_served_as_png_not_html(hostil
 def test_gallery_file_that_is_no_raster_image_is_415_never_html_or_svg(hostile: Hostile, tmp_path: Path, target: str, data: bytes) -> None:
     gallery, index = _small_index(hostile, tmp_path)
     client = TestClient(create_app([ScenarioSpec("s", index)]), raise_server_exceptions=False)
-    row = client.app.state.scenarios["s"].index.paths.index("p01.png")
+    index = client.app.state.scenarios["s"].index
+    row = index.rows[index.paths.index("p01.png")]
     (gallery / target).write_bytes(data)
     (gallery / "p01.png").unlink()
     (gallery / "p01.png").symlink_to(target)  # swapped in after indexing, inside the gallery
@@ -296,9 +298,10 @@ def test_undecodable_and_bidi_file_names_are_hits_with_a_safe_display_form(hosti
     # as an index holds it where the indexer recorded the name (a loader may also refuse such an index as tampered)
     index.paths[index.paths.index("p01.png")] = undecodable
     client = TestClient(create_app(scenarios), raise_server_exceptions=False)
-    odd = {index.paths.index(undecodable): "caf\\xe9.png", index.paths.index(BIDI_NAME): "\\u202egnp.exe.png"}
+    row_of = {path: row for path, row in zip(index.paths, index.rows)}
+    odd = {row_of[undecodable]: "caf\\xe9.png", row_of[BIDI_NAME]: "\\u202egnp.exe.png"}
     text = client.post("/api/search", json={"scenario": "h", "query": "a person", "top_k": 100})
-    plain = next(row for row in range(len(index)) if row not in odd)
+    plain = next(row for row in index.rows if row not in odd)
     rows = client.post("/api/search/image", json={"scenario": "h", "row": plain, "top_k": 100})
     upload = _upload(client, _png_bytes(), top_k=100)
     for response in (text, rows, upload):
@@ -308,7 +311,7 @@ def test_undecodable_and_bidi_file_names_are_hits_with_a_safe_display_form(hosti
     for row in odd:
         for url in (f"/api/images/h/{row}", f"/api/images/h/{row}/thumbnail"):
             assert client.get(url).status_code == 200, url  # the server still finds the file by its row
-    more = client.post("/api/search/image", json={"scenario": "h", "row": index.paths.index(undecodable), "top_k": 3})
+    more = client.post("/api/search/image", json={"scenario": "h", "row": row_of[undecodable], "top_k": 3})
     assert more.status_code == 200
 
 

@@ -24,6 +24,7 @@ from upperson.methods import METHODS, RetrievalModel, build_model
 from upperson.methods.official import import_official_state_dict, official_backbone_state_dict, official_method, read_official_config
 from upperson.retrieval.factory import build_inference_model
 from upperson.retrieval.gallery import FAISS_THRESHOLD, GalleryIndex, SearchHit, model_from_index
+from upperson.retrieval.scenarios import display_path
 from upperson.runtime import resolve_device, resolve_precision
 from upperson.training.distributed import DistributedEnv
 from upperson.training.history import CONFIG_FILE
@@ -183,8 +184,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--scenario", action="append", default=[], metavar="NAME=INDEX_DIR", help="a scenario (repeatable)")
     serve.add_argument(
+        "--gallery-root", type=Path, metavar="DIR",
+        help="read the images of every --scenario only inside DIR (default: the folder holding each INDEX_DIR); needed "
+        "when the images are elsewhere (SERVE_YAML entries take gallery_root: instead)",
+    )
+    serve.add_argument(
         "--config", type=Path, metavar="SERVE_YAML",
-        help="YAML list of scenarios: '- {name: NAME, index: INDEX_DIR, adapter: FILE}' (adapter optional; paths relative to the file)",
+        help="YAML list of scenarios: '- {name: NAME, index: INDEX_DIR, adapter: FILE, gallery_root: DIR}' (adapter and "
+        "gallery_root optional; paths relative to the file)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="1 to 65535, free on --host (default: %(default)s)")
@@ -473,7 +480,9 @@ def _serve(args: argparse.Namespace) -> int:
     _check_listen_address(args.host, args.port)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    specs = [ScenarioSpec.parse(text) for text in args.scenario]
+    if args.gallery_root is not None and not args.scenario:
+        raise ValueError("--gallery-root applies to --scenario entries; give each SERVE_YAML entry its own 'gallery_root:'")
+    specs = [ScenarioSpec.parse(text, args.gallery_root) for text in args.scenario]
     if args.config:
         specs += read_scenario_file(args.config)
     if not specs:
@@ -569,11 +578,12 @@ def format_parity_table(parity: Sequence[Parity]) -> str:
 
 
 def format_hits_table(hits: Sequence[SearchHit], root: Path) -> str:
-    """rank | score | row (the image's stable id) | path (relative to the gallery root)."""
+    """rank | score | row (the image's stable id) | path (relative to the gallery root, in
+    :func:`~upperson.retrieval.scenarios.display_path` form: bidi controls and undecodable bytes escaped)."""
     lines = [f"{'rank':>4}  {'score':>7}  {'row':>6}  path"]
     for rank, hit in enumerate(hits, 1):
         path = hit.path.relative_to(root) if hit.path.is_relative_to(root) else hit.path
-        lines.append(f"{rank:>4}  {hit.score:>7.4f}  {hit.row:>6}  {path}")
+        lines.append(f"{rank:>4}  {hit.score:>7.4f}  {hit.row:>6}  {display_path(str(path))}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,10 @@ adapter swap is one copy of its tensors, and every scenario computes exactly wha
 model computes (equal to the merged model of ``upperson search`` within float32 rounding).
 ``benchmarks/serve.py`` measures what the side branch costs per query.
 
+Images are named by their index's stable row ids (:meth:`GalleryIndex.position`), never by positions: a
+row keeps its image when the folder is re-indexed with images added or removed, and a removed image's
+row is gone rather than another image's.
+
 A scenario is immutable once loaded; :meth:`Scenarios.reload` builds a new one completely (index,
 model group, adapter) and then replaces the reference, so a request sees either the old or the new
 scenario, never a mixture, and a failed reload leaves the old one serving.
@@ -50,17 +54,22 @@ from upperson.backbone.loading import Backbone, BackboneLoadError, load_backbone
 from upperson.config import ConfigError, read_yaml
 from upperson.data.datasets import IMAGE_ERRORS
 from upperson.methods import RetrievalModel, build_method_config, build_model, get_method
-from upperson.retrieval.gallery import INDEX_FILE, GalleryIndex, encode_images, encode_queries, file_sha256, index_adapter
+from upperson.retrieval.gallery import (
+    INDEX_FILE,
+    GalleryIndex,
+    MissingRowError,
+    encode_images,
+    encode_queries,
+    file_sha256,
+    index_adapter,
+)
 from upperson.runtime import resolve_precision
 
 logger = logging.getLogger(__name__)
 
 SCENARIO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Scenario names appear in URLs: letters, digits, ``_``, ``.`` and ``-``, at most 64 characters."""
-_SCENARIO_FILE_KEYS = frozenset({"name", "index", "adapter"})
-MAX_IMAGE_SIDE = 4096
-"""Largest ``image_size`` side an index may ask the encoders for: a tampered ``[100000, 100000]`` would otherwise
-allocate a position embedding of hundreds of GB while the server runs."""
+_SCENARIO_FILE_KEYS = frozenset({"name", "index", "adapter", "gallery_root"})
 
 
 def display_path(path: str) -> str:
@@ -95,17 +104,14 @@ class UnknownScenarioError(LookupError):
     """No scenario of that name is served."""
 
 
-class UnknownRowError(LookupError):
-    """The row is not in the scenario's index."""
-
-
 class MissingImageError(LookupError):
     """The indexed image of a row is no longer a file inside the gallery."""
 
 
 @dataclass(frozen=True)
 class ScenarioSpec:
-    """What to serve under a name: an index folder and, optionally, where its adapter file is now."""
+    """What to serve under a name: an index folder and, optionally, where its adapter file is now and where its
+    images may be read from."""
 
     name: str
     """URL-safe name (:data:`SCENARIO_NAME`)."""
@@ -113,6 +119,9 @@ class ScenarioSpec:
     """Folder written by ``upperson index``."""
     adapter: Path | None = None
     """The adapter file, if it moved since indexing (must be the same file); default: the recorded path."""
+    gallery_root: Path | None = None
+    """The folder the gallery's images may be read from (:meth:`GalleryIndex.load`); default: the folder holding
+    the index folder. Needed when the index lies elsewhere than beside its images."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not SCENARIO_NAME.fullmatch(self.name):
@@ -121,16 +130,16 @@ class ScenarioSpec:
             )
 
     @classmethod
-    def parse(cls, text: str) -> ScenarioSpec:
-        """``NAME=INDEX_DIR`` (the command line's ``--scenario``)."""
+    def parse(cls, text: str, gallery_root: Path | None = None) -> ScenarioSpec:
+        """``NAME=INDEX_DIR`` (the command line's ``--scenario``), its images read inside ``gallery_root`` if given."""
         name, separator, index = text.partition("=")
         if not separator or not index:
             raise ScenarioError(f"--scenario {text!r}: expected NAME=INDEX_DIR, e.g. street=/data/street/.upperson-index")
-        return cls(name, Path(index))
+        return cls(name, Path(index), gallery_root=gallery_root)
 
 
 def read_scenario_file(path: str | os.PathLike[str]) -> list[ScenarioSpec]:
-    """Scenarios from a YAML list of ``{name, index, adapter (optional)}`` mappings.
+    """Scenarios from a YAML list of ``{name, index, adapter (optional), gallery_root (optional)}`` mappings.
 
     Relative paths are relative to the file's folder. Unknown keys and keys written twice are errors; values
     follow the config value syntax (:mod:`upperson.config`).
@@ -153,12 +162,13 @@ def read_scenario_file(path: str | os.PathLike[str]) -> list[ScenarioSpec]:
         for key in ("name", "index"):
             if not isinstance(entry.get(key), str):
                 raise ScenarioError(f"{path}: scenario {number} needs '{key}' (a string), e.g. '{example}'")
-        adapter = entry.get("adapter")
-        if adapter is not None and not isinstance(adapter, str):
-            raise ScenarioError(f"{path}: scenario {number} 'adapter' must be a file path (a string)")
-        specs.append(
-            ScenarioSpec(entry["name"], path.parent / entry["index"], path.parent / adapter if adapter is not None else None)
-        )
+        optional = {}
+        for key, what in (("adapter", "a file path"), ("gallery_root", "a folder path")):
+            value = entry.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ScenarioError(f"{path}: scenario {number} '{key}' must be {what} (a string)")
+            optional[key] = path.parent / value if value is not None else None
+        specs.append(ScenarioSpec(entry["name"], path.parent / entry["index"], **optional))
     return specs
 
 
@@ -221,7 +231,7 @@ class Hit:
     """One ranked gallery image."""
 
     row: int
-    """Row of the index (the image's id in the API)."""
+    """The image's stable row id in the index (its id in the API; :meth:`GalleryIndex.position`)."""
     score: float
     """Cosine similarity to the query."""
     path: str
@@ -241,7 +251,7 @@ class Scenario:
     loaded_at: float = field(default_factory=time.time)
     _real_root: Path = field(init=False, repr=False)
     _sizes: dict[int, tuple[int, int] | None] = field(default_factory=dict, repr=False)
-    """``(width, height)`` per row, read from the image header on first use."""
+    """``(width, height)`` per row id, read from the image header on first use."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_real_root", self.index.image_dir.resolve())
@@ -290,22 +300,36 @@ class Scenario:
         return self._hits(self.encode_images([image]), top_k)[0]
 
     def search_row(self, row: int, top_k: int) -> list[Hit]:
-        """More like the indexed image ``row``: its stored feature against the gallery, itself left out."""
-        self._check_row(row)
-        query = F.normalize(self.index.features[row : row + 1].float(), dim=-1)  # [1, D]
-        hits = [hit for hit in self._hits(query, top_k + 1)[0] if hit.row != row]
-        return hits[:top_k]
-
-    def image_file(self, row: int) -> Path:
-        """The resolved file of ``row``, which must (still) be a regular file inside the gallery root.
+        """More like the indexed image of row id ``row``: its stored feature against the gallery, itself left out.
 
         Raises:
-            UnknownRowError: no such row.
+            MissingRowError: no such row (:meth:`position`).
+        """
+        position = self.position(row)
+        query = F.normalize(self.index.features[position : position + 1].float(), dim=-1)  # [1, D]
+        return self._hits(query, top_k + 1, leave_out=position)[0][:top_k]
+
+    def position(self, row: int) -> int:
+        """Where the image of row id ``row`` is in the index's paths and features.
+
+        Raises:
+            MissingRowError: naming the scenario; ``gone`` for a row whose image was removed from the gallery
+                when it was re-indexed, else the row was never given.
+        """
+        try:
+            return self.index.position(row)
+        except MissingRowError as error:
+            raise MissingRowError(f"scenario {self.name!r}: {error}", gone=error.gone) from None
+
+    def image_file(self, row: int) -> Path:
+        """The resolved file of row id ``row``, which must (still) be a regular file inside the gallery root.
+
+        Raises:
+            MissingRowError: no such row (:meth:`position`).
             MissingImageError: the file is gone, now resolves outside the gallery (a symlink swapped in), or the
                 index's path has control characters (NUL, newline, escapes), which no path to serve has.
         """
-        self._check_row(row)
-        relative = self.index.paths[row]
+        relative = self.index.paths[self.position(row)]
         shown = display_path(relative)
         if any(unicodedata.category(char) == "Cc" for char in relative):
             raise MissingImageError(f"the index path of row {row} ({shown}) has control characters; rename the file and rebuild the index")
@@ -324,7 +348,7 @@ class Scenario:
         (``O_NONBLOCK``), and a file deleted since the check is a :class:`MissingImageError` like one deleted before.
         """
         path = self.image_file(row)
-        shown = display_path(self.index.paths[row])
+        shown = display_path(self.index.paths[self.position(row)])
         try:
             descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
@@ -338,7 +362,7 @@ class Scenario:
         return file
 
     def image_dimensions(self, row: int) -> tuple[int, int] | None:
-        """``(width, height)`` of the image of ``row`` from its header, or ``None`` when it cannot be read."""
+        """``(width, height)`` of the image of row id ``row`` from its header, or ``None`` when it cannot be read."""
         if row not in self._sizes:
             try:
                 with Image.open(self.image_file(row)) as image:
@@ -347,16 +371,18 @@ class Scenario:
                 self._sizes[row] = None
         return self._sizes[row]
 
-    def _check_row(self, row: int) -> None:
-        if not 0 <= row < len(self.index):
-            raise UnknownRowError(f"scenario {self.name!r} has no row {row}: its index has rows 0 to {len(self.index) - 1}")
-
-    def _hits(self, query_features: torch.Tensor, top_k: int) -> list[list[Hit]]:
+    def _hits(self, query_features: torch.Tensor, top_k: int, leave_out: int | None = None) -> list[list[Hit]]:
+        """The best ``top_k`` per query as hits named by row id, the entry at position ``leave_out`` dropped."""
         # always the torch path: FAISS would copy the whole gallery into a new index for every query
-        scores, rows = self.index.rank(query_features, top_k, faiss_threshold=len(self.index))
+        scores, positions = self.index.rank(query_features, top_k, faiss_threshold=len(self.index))
+        rows, paths = self.index.row_ids.ids, self.index.paths
         return [
-            [Hit(row, score, self.index.paths[row]) for score, row in zip(row_scores.tolist(), row_ids.tolist())]
-            for row_scores, row_ids in zip(scores, rows)
+            [
+                Hit(rows[position], score, paths[position])
+                for score, position in zip(query_scores.tolist(), query_positions.tolist())
+                if position != leave_out
+            ]
+            for query_scores, query_positions in zip(scores, positions)
         ]
 
 
@@ -432,8 +458,7 @@ class Scenarios:
         index_file = spec.index / INDEX_FILE
         prefix = f"scenario {spec.name!r}"
         try:
-            index = GalleryIndex.load(spec.index)
-            _check_image_size(index.metadata, index_file)
+            index = GalleryIndex.load(spec.index, gallery_root=spec.gallery_root)  # checks image_size too
             adapter_path = index_adapter(index, spec.adapter)
             shared = self._model_for(index.metadata)
             adapter = self._read_adapter(shared, adapter_path)
@@ -503,19 +528,6 @@ class Scenarios:
         self._models = {key: model for key, model in self._models.items() if key in used}
         backbones = {(key.backbone_sha256, key.image_size) for key in used}
         self._backbones = {key: backbone for key, backbone in self._backbones.items() if key in backbones}
-
-
-def _check_image_size(metadata: dict[str, Any], index_file: Path) -> None:
-    """The index's ``image_size`` must be ``[height, width]``, each 1 to :data:`MAX_IMAGE_SIDE` pixels."""
-    size = metadata.get("image_size")
-    if not (
-        isinstance(size, list) and len(size) == 2
-        and all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= MAX_IMAGE_SIDE for side in size)
-    ):
-        raise ScenarioError(
-            f"{index_file}: metadata field 'image_size' must be [height, width], each 1 to {MAX_IMAGE_SIDE} pixels, got {size!r}; "
-            "rebuild the index with `upperson index`"
-        )
 
 
 def _structural_copy(clip: torch.nn.Module) -> torch.nn.Module:

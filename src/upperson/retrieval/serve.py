@@ -12,6 +12,11 @@ fonts from a CDN):
   raster format Pillow decodes it as (JPEG, PNG, WebP, BMP, GIF), never by its name: anything else
   (HTML, SVG, ...) is 415.
 * ``GET /api/scenarios``, ``POST /api/scenarios/{name}/reload``, ``GET /api/health``.
+
+A ``row`` (in a request, a URL or a hit) is the image's stable row id in the scenario's index
+(:meth:`~upperson.retrieval.gallery.GalleryIndex.position`), not its place in the index: after the folder
+is re-indexed and the scenario reloaded, a row still names the same image, and a row whose image was
+removed is 404 ("was removed from the gallery"), never another image.
 * ``GET /``: the page (static files of this package, nothing from the internet).
 
 With a token, every path but the page, its files and ``/openapi.json`` needs ``Authorization: Bearer
@@ -54,6 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from upperson.data.datasets import IMAGE_ERRORS, to_rgb
+from upperson.retrieval.gallery import MissingRowError
 from upperson.retrieval.scenarios import (
     Hit,
     MissingImageError,
@@ -61,7 +67,6 @@ from upperson.retrieval.scenarios import (
     ScenarioError,
     Scenarios,
     ScenarioSpec,
-    UnknownRowError,
     UnknownScenarioError,
     display_path,
 )
@@ -128,7 +133,7 @@ class RowSearch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     scenario: str
-    row: int = Field(ge=0, description="row of the image in the scenario's index (a hit's 'row')")
+    row: int = Field(ge=0, description="the image's stable row id in the scenario's index (a hit's 'row')")
     top_k: int = Field(10, ge=1, le=MAX_TOP_K)
 
 
@@ -140,7 +145,7 @@ class UploadSearch(BaseModel):
 
 
 class HitOut(BaseModel):
-    row: int
+    row: int = Field(description="the image's stable row id: the same image after re-indexing, never another one")
     score: float
     path: str = Field(
         description="relative to the gallery root, for display: undecodable bytes and control/bidi characters escaped "
@@ -573,7 +578,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _describe_validation(error.errors())}, status_code=422)
 
-    for error_type in (UnknownScenarioError, UnknownRowError, MissingImageError):
+    for error_type in (UnknownScenarioError, MissingRowError, MissingImageError):
         app.add_exception_handler(error_type, _not_found)
 
     @app.exception_handler(Exception)
