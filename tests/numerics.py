@@ -97,25 +97,50 @@ def model_sensitivity(
 
     With ``gradients_of`` (the name of a scalar output) the outputs also hold ``grad.<name>`` for
     every parameter that requires a gradient, so gradient tolerances come from the same draws.
-    ``forward`` gets a float64 copy of the model; the original is untouched.
+    ``forward`` gets a float64 copy of the model; the original is untouched. Of an ``nn.Embedding``
+    table only the rows the forward looks up are perturbed (the others cannot move an output; the
+    49k-row token table would otherwise cost more than the forward passes).
     """
     model64 = deepcopy(model).double()
     state = {name: value for name, value in [*model64.named_parameters(), *model64.named_buffers()] if value.is_floating_point()}
     trainable = {name: value for name, value in model64.named_parameters() if value.requires_grad}
+    rows = _embedding_rows(model64, forward, inputs)
 
     def compute(values: dict[str, torch.Tensor]) -> Outputs:
         with torch.no_grad():
             for name, tensor in state.items():
-                tensor.copy_(values[f"model.{name}"])
+                if name in rows:
+                    tensor[rows[name]] = values[f"model.{name}"]
+                else:
+                    tensor.copy_(values[f"model.{name}"])
         outputs = dict(forward(model64, {key: values[key] for key in inputs}))
         if gradients_of is not None:
             grads = torch.autograd.grad(outputs[gradients_of], list(trainable.values()), allow_unused=True)
             outputs.update({f"grad.{name}": grad for name, grad in zip(trainable, grads) if grad is not None})
         return outputs
 
-    tensors = {f"model.{name}": value.detach().clone() for name, value in state.items()}
+    tensors = {f"model.{name}": (value[rows[name]] if name in rows else value).detach().clone() for name, value in state.items()}
     with torch.enable_grad():
         return rounding_sensitivity(compute, {**tensors, **inputs}, dtype, trials)
+
+
+def _embedding_rows(
+    model64: nn.Module, forward: Callable[[nn.Module, dict[str, torch.Tensor]], Outputs], inputs: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``{"<module>.weight": rows}``: the rows of each ``nn.Embedding`` that one forward looks up."""
+    found: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        module.register_forward_hook(lambda _module, args, _output, name=name: found.setdefault(name, []).append(args[0].flatten()))
+        for name, module in model64.named_modules()
+        if isinstance(module, nn.Embedding)
+    ]
+    try:
+        with torch.no_grad():
+            forward(model64, {key: value.double() if value.is_floating_point() else value for key, value in inputs.items()})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {f"{name}.weight": torch.cat(ids).unique() for name, ids in found.items()}
 
 
 def rounding_tolerance(sensitivity: float, exact: torch.Tensor, dtype: torch.dtype = torch.float32, stages: int = ROUNDING_STAGES) -> float:

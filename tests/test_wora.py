@@ -8,6 +8,14 @@ import pytest
 import torch
 from conftest import SMALL_IMAGE, make_model, randomise_petl, sample_batch
 
+from numerics import (
+    UNIT_ROUNDOFF,
+    assert_paths_within_rounding,
+    assert_within_bound,
+    elementwise_rounding_bound,
+    features,
+    model_sensitivity,
+)
 import upperson
 from upperson.backbone import load_backbone
 from upperson.backbone.loading import BackboneSpec
@@ -68,12 +76,20 @@ def hand_attention(attention: PETLAttention, x: torch.Tensor, attn_mask: torch.T
     return reference(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
 
 
+FP64_IDENTITY = 2**13 * UNIT_ROUNDOFF[torch.float64]
+"""float64 checks that two formulas are the same maths: ~1e-12, thousands of fp64 roundings of O(1) values,
+while any difference in the formulas (a missing α, β or norm) would show at >= 1e-3."""
+
+
 @pytest.fixture(scope="module")
-def clip_features() -> tuple[torch.Tensor, torch.Tensor]:
+def clip_features() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """Frozen CLIP's fp32 features, and its float64 features with their rounding sensitivity (tests/numerics.py)."""
     clip = load_backbone("tiny", SMALL_IMAGE).clip
     images, ids, _ = sample_batch(batch=2)
+    inputs = {"images": images, "ids": ids}
+    exact, sensitivity = model_sensitivity(clip, features, inputs)
     with torch.no_grad():
-        return clip.encode_image(images), clip.encode_text(ids)
+        return features(clip, inputs), exact, sensitivity
 
 
 def test_updated_in_proj_matches_the_hand_computed_weight() -> None:
@@ -86,13 +102,13 @@ def test_updated_in_proj_matches_the_hand_computed_weight() -> None:
             updated = attention.lora.updated_in_proj(attention.in_proj_weight)
             expected = hand_wora_rows(attention.in_proj_weight, attention.lora)
         assert updated.dtype == torch.float64
-        torch.testing.assert_close(updated, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(updated, expected, rtol=FP64_IDENTITY, atol=FP64_IDENTITY)
         width = attention.in_proj_weight.shape[1]
         assert torch.equal(updated[:width], attention.in_proj_weight[:width])  # Q untouched
         assert not torch.allclose(updated[width:], attention.in_proj_weight[width:])  # K, V really changed
         row_norms = updated[width:].norm(dim=1)
         magnitudes = torch.cat([attention.lora.key.magnitude, attention.lora.value.magnitude])
-        torch.testing.assert_close(row_norms, magnitudes.detach(), rtol=1e-12, atol=1e-12)  # ‖W'_row‖ = m
+        torch.testing.assert_close(row_norms, magnitudes.detach(), rtol=FP64_IDENTITY, atol=FP64_IDENTITY)  # ‖W'_row‖ = m
 
 
 @pytest.mark.parametrize("tower_name", ["visual", "text"])
@@ -111,8 +127,8 @@ def test_fused_equals_explicit_equals_hand_attention(tower_name: str) -> None:
         for backend in ("sdpa", "explicit"):
             attention.backend = backend
             outputs[backend] = attention(x, x, x, attn_mask=mask)[0]
-    torch.testing.assert_close(outputs["sdpa"], expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(outputs["explicit"], expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outputs["sdpa"], expected, rtol=FP64_IDENTITY, atol=FP64_IDENTITY)
+    torch.testing.assert_close(outputs["explicit"], expected, rtol=FP64_IDENTITY, atol=FP64_IDENTITY)
 
 
 def test_fresh_wora_changes_nothing(clip_features) -> None:
@@ -123,11 +139,14 @@ def test_fresh_wora_changes_nothing(clip_features) -> None:
             frozen = attention.in_proj_weight[index * width : (index + 1) * width]
             assert part.alpha.item() == part.beta.item() == 1.0
             assert torch.equal(part.lora_b, torch.zeros(width, RANK)) and part.lora_a.abs().sum() > 0
-            torch.testing.assert_close(part.magnitude.detach(), frozen.norm(dim=1))  # per output row, over the input dim
+            assert torch.equal(part.magnitude.detach(), frozen.norm(dim=1))  # per output row, over the input dim: same kernel
     images, ids, _ = sample_batch(batch=2)
+    inputs = {"images": images, "ids": ids}
+    clip, exact, sensitivity = clip_features
     with torch.no_grad():
-        torch.testing.assert_close(bare.encode_image(images), clip_features[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bare.encode_text(ids), clip_features[1], rtol=1e-5, atol=1e-5)
+        fresh = features(bare, inputs)
+    # B = 0, α = β = 1, m = ‖W0‖: W' = W0 in exact arithmetic, but m/‖W0‖ and the side branch round in fp32
+    assert_paths_within_rounding({"fresh WoRA": fresh, "open_clip": clip}, exact, sensitivity)
 
     without_lora = make_model(lora=False)
     randomise_petl(without_lora)  # non-zero prefix and adapters, shared by both models
@@ -136,9 +155,10 @@ def test_fresh_wora_changes_nothing(clip_features) -> None:
     assert not unexpected
     assert set(missing) == {name for name in with_wora.trainable_state_dict() if ".lora." in name}
     assert all(isinstance(with_wora.get_submodule(name.rsplit(".", 2)[0]), KVWoRA) for name in missing)
+    exact, sensitivity = model_sensitivity(without_lora, features, inputs)
     with torch.no_grad():
-        for a, b in zip(with_wora(images, ids), without_lora(images, ids)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        paths = {"fresh WoRA": features(with_wora, inputs), "without LoRA": features(without_lora, inputs)}
+    assert_paths_within_rounding(paths, exact, sensitivity)  # ROUNDING_STAGES x S of the float64 features
 
 
 def test_unit_weights_equal_dora_with_the_same_factors() -> None:
@@ -148,7 +168,7 @@ def test_unit_weights_equal_dora_with_the_same_factors() -> None:
     in_proj_bias = torch.randn(3 * width, generator=generator, dtype=torch.float64)
     wora = KVWoRA(in_proj_weight, RANK).double()
     dora = KVDoRA(in_proj_weight, RANK).double()
-    torch.testing.assert_close(  # the same magnitude init: row norms of W0
+    assert torch.equal(  # the same magnitude init: row norms of W0, the same kernel
         torch.cat([wora.key.magnitude, wora.value.magnitude]), torch.cat([dora.key_magnitude, dora.value_magnitude])
     )
     randomise_wora(wora, generator, alpha=1.0, beta=1.0)
@@ -159,15 +179,30 @@ def test_unit_weights_equal_dora_with_the_same_factors() -> None:
             magnitude.copy_(part.magnitude)
             assert delta.scale.item() == 1.0
         ours, theirs = wora.updated_in_proj(in_proj_weight), dora.updated_in_proj(in_proj_weight)
-        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ours, theirs, rtol=FP64_IDENTITY, atol=FP64_IDENTITY)
         x = torch.randn(2, 5, width, generator=generator, dtype=torch.float64)
         k, v = torch.nn.functional.linear(x, in_proj_weight, in_proj_bias).chunk(3, dim=-1)[1:]
         ours = wora.update_key_value(x, k, v, in_proj_weight, in_proj_bias)
         theirs = dora.update_key_value(x, k, v, in_proj_weight, in_proj_bias)
         for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a, b, rtol=FP64_IDENTITY, atol=FP64_IDENTITY)
         wora.key.alpha.fill_(0.5)  # and α ≠ 1 is no longer DoRA
         assert not torch.allclose(wora.updated_in_proj(in_proj_weight), dora.updated_in_proj(in_proj_weight))
+
+
+def unmerge_bound(attention: PETLAttention, weight_before: torch.Tensor) -> torch.Tensor:
+    """Rounding bound of ``W0 -> W' = (β·W0 + α·BA)·(m/n) -> (W'·(n/m) - α·BA) / β`` (the same ``α·BA`` and ``n`` both ways).
+
+    Eight roundings to first order, each of a value of at most ``|W0| + |α·BA / β|`` after the
+    final division: β·W0, the sum, m/n, the product, n/m, the product, the difference, /β. The Q
+    rows are copied: bound 0.
+    """
+    width = weight_before.shape[1]
+    with torch.no_grad():
+        low_rank = [(part.low_rank() / part.beta).abs() for part in (attention.lora.key, attention.lora.value)]
+    bound = elementwise_rounding_bound(weight_before.abs() + torch.cat([torch.zeros_like(low_rank[0]), *low_rank]), roundings=8)
+    bound[:width] = 0.0
+    return bound
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
@@ -179,20 +214,22 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_weight(backend: str) ->
     attentions = [m for m in model.modules() if isinstance(m, PETLAttention)]
     weights_before = [a.in_proj_weight.detach().clone() for a in attentions]
     images, ids, _ = sample_batch(batch=2)
+    inputs = {"images": images, "ids": ids}
+    bounds = [unmerge_bound(attention, before) for attention, before in zip(attentions, weights_before)]
+    exact, sensitivity = model_sensitivity(model, features, inputs)
     with torch.no_grad():
-        unmerged = model(images, ids)
+        unmerged = features(model, inputs)
         model.merge_lora()
         assert model.lora_merged
         assert not torch.equal(attentions[0].in_proj_weight, weights_before[0])
-        merged = model(images, ids)
+        merged = features(model, inputs)
         model.unmerge_lora()
         assert not model.lora_merged
-        again = model(images, ids)
-    for a, b, c in zip(unmerged, merged, again):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
-    for attention, before in zip(attentions, weights_before):
-        torch.testing.assert_close(attention.in_proj_weight, before, rtol=0, atol=1e-6)
+        again = features(model, inputs)
+    # all three within ROUNDING_STAGES x S of the float64 features (unmerging leaves W0 a few roundings off: an input rounding)
+    assert_paths_within_rounding({"unmerged": unmerged, "merged": merged, "unmerged again": again}, exact, sensitivity)
+    for attention, before, bound in zip(attentions, weights_before, bounds):
+        assert_within_bound(attention.in_proj_weight, before, bound, "unmerged in_proj_weight")
         assert attention.lora.merged_norm is None
 
 
