@@ -12,6 +12,7 @@ import torch
 from conftest import make_model, sample_batch
 from safetensors.torch import save_file
 
+from numerics import assert_paths_within_rounding, features, model_sensitivity
 import upperson
 from upperson.backbone import BackboneLoadError, load_backbone
 from upperson.backbone.loading import TINY_CONFIG
@@ -24,7 +25,11 @@ def _save_tiny_openai_checkpoint(path: Path, image_size=(224, 224)) -> dict[str,
 
 
 def test_all_petl_off_equals_open_clip_at_224(tmp_path: Path) -> None:
-    """Same weights, same inputs: our encoders with no PETL reproduce open_clip's own exactly."""
+    """Same weights, same inputs: our encoders with no PETL compute open_clip's own features.
+
+    Not bit for bit (the exact shortcuts and the lean QuickGELU are other fp32 kernels): both within
+    ROUNDING_STAGES x S of the float64 features (tests/numerics.py).
+    """
     checkpoint = tmp_path / "tiny-openai.pt"
     _save_tiny_openai_checkpoint(checkpoint)
     state = torch.load(checkpoint, weights_only=True)
@@ -33,9 +38,11 @@ def test_all_petl_off_equals_open_clip_at_224(tmp_path: Path) -> None:
         "up-person", backbone=str(checkpoint), image_size=224, prefix=False, lora=False, adapter=False
     )
     images, ids, _ = sample_batch(image_size=(224, 224), batch=2)
+    inputs = {"images": images, "ids": ids}
+    exact, sensitivity = model_sensitivity(model, features, inputs)  # open_clip's OpenAI build keeps LayerNorm in fp32
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), plain.encode_image(images), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(model.encode_text(ids), plain.encode_text(ids), rtol=1e-4, atol=1e-5)
+        paths = {"ours": features(model, inputs), "open_clip": features(plain, inputs)}
+    assert_paths_within_rounding(paths, exact, sensitivity)
 
 
 def test_openai_checkpoint_round_trips_in_all_file_formats(tmp_path: Path) -> None:
@@ -62,7 +69,7 @@ def test_open_clip_name_with_a_pretrained_file(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "weights.pt")
     loaded = load_backbone(f"upperson-test-tiny:{tmp_path / 'weights.pt'}", (64, 32))
     expected = upperson.backbone.resize_visual_pos_embed(state["visual.positional_embedding"], (4, 2))
-    torch.testing.assert_close(loaded.clip.visual.positional_embedding.detach(), expected)
+    assert torch.equal(loaded.clip.visual.positional_embedding.detach(), expected)  # the same resize function
     assert torch.equal(loaded.clip.token_embedding.weight, state["token_embedding.weight"])
 
 
@@ -79,7 +86,7 @@ def test_non_square_image_size_resizes_the_checkpoint_table_bilinearly(tmp_path:
     clip = load_backbone(str(tmp_path / "tiny.pt"), (384, 128)).clip
     expected = upperson.backbone.resize_visual_pos_embed(state["visual.positional_embedding"].half().float(), (24, 8))
     assert clip.visual.positional_embedding.shape == (1 + 24 * 8, 192)
-    torch.testing.assert_close(clip.visual.positional_embedding.detach(), expected)
+    assert torch.equal(clip.visual.positional_embedding.detach(), expected)  # the same resize of the same fp16 values
 
 
 def test_backbone_is_frozen_and_only_petl_trains() -> None:
